@@ -1,0 +1,122 @@
+"""Typed configuration, one dataclass per concern.
+
+The environment is read in exactly one place (`from_env_and_args` in cli.py calls `env_defaults`),
+at start-up; nothing here reads os.environ at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+QUANTIZATIONS = ("nf4", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face causal-LM directory; None serves the embedded SmolLM2-135M-Instruct."""
+    quantization: str = "nf4"
+    """nf4 (bitsandbytes 4-bit, the default), bf16 or fp32."""
+    device: str | None = None
+    """torch device; None picks cuda when available, else cpu."""
+    cache_dir: str | None = None
+    """Where the embedded model is converted to safetensors once; None: ~/.cache/loraserve."""
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+
+
+@dataclass(frozen=True)
+class LoraCacheConfig:
+    adapter_root: str = "./adapters"
+    """Directory holding one sub-directory per adapter id (PEFT format)."""
+    max_gpu_adapters: int = 16
+    """Adapter slots in the stacked LoRA weights on the device; bounds distinct adapters per step."""
+    max_cpu_adapters: int = 64
+    """Adapters kept in host memory (beyond the device slots); the rest stay on disk."""
+    max_lora_rank: int = 64
+    """Largest rank accepted; the stacked weights are sized for it."""
+    max_upload_bytes: int = 512 * 1024 * 1024
+    """Largest adapter accepted through LoadAdapter's inline files."""
+
+    def __post_init__(self):
+        if self.max_gpu_adapters < 1:
+            raise ValueError("--max-gpu-adapters must be >= 1")
+        if self.max_cpu_adapters < 0:
+            raise ValueError("--max-cpu-adapters must be >= 0")
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise ValueError("--max-lora-rank must be in [1, 1024]")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    """Rows decoded together in one forward pass."""
+    max_queue: int = 256
+    """Requests waiting for a row; beyond it Predict answers RESOURCE_EXHAUSTED."""
+    max_new_tokens: int = 1024
+    """Cap on a request's max_new_tokens."""
+    default_max_new_tokens: int = 128
+    """Used when a request leaves max_new_tokens at 0."""
+    max_prompt_tokens: int | None = None
+    """Cap on prompt length; None: the model's context window minus one."""
+    max_stop_sequences: int = 8
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled in one step, so a burst of long prompts cannot stall decoding."""
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue", "max_new_tokens", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    data_root: str = "./data"
+    """Dataset files named by Train requests resolve under this directory."""
+    jobs_dir: str | None = None
+    """Where job records persist; None: <adapter_root>/.jobs."""
+    max_concurrent_jobs: int = 1
+    """Jobs training at once; the others queue."""
+    max_examples: int = 100_000
+    """Examples accepted in one Train request."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    metrics_port: int = 9400
+    """HTTP port for Prometheus /metrics; 0 picks a free one, -1 disables."""
+    grace_seconds: float = 30.0
+    """On SIGTERM, how long in-flight requests may run before the process exits."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    per_adapter_metrics: bool = False
+    """Label request metrics with the adapter id (bounded by max_adapter_labels)."""
+    max_adapter_labels: int = 100
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraCacheConfig = field(default_factory=LoraCacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraserve"
+
+
+def env_defaults(prefix: str, names: list[str]) -> dict[str, str]:
+    """LORASERVE_<NAME> values for the given flag names (dashes become underscores)."""
+    out = {}
+    for name in names:
+        key = prefix + name.upper().replace("-", "_")
+        if key in os.environ:
+            out[name] = os.environ[key]
+    return out
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]

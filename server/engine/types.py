@@ -1,0 +1,64 @@
+"""The engine's request and event types: plain dataclasses, no protobuf."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 means no top-k cut."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Timings:
+    queue_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_count: int
+    """Tokens generated so far."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str
+    """stop | length | cancelled | deadline"""
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = TextDelta | Finished | Failed
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    adapter_id: str | None
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    emit: Callable[[Event], None]
+    """Called from the engine thread; must not block."""
+    deadline: float | None = None
+    """time.monotonic() after which the request finishes with reason 'deadline'."""
+    arrival: float = field(default_factory=time.monotonic)

@@ -1,0 +1,348 @@
+"""Adapters by id: where they live (disk / CPU / device slot), loading, LRU eviction, containment.
+
+Disk -> CPU loads run on a worker thread so they never stall the running batch; CPU -> slot copies
+run on the engine thread between steps (the slot memory is read by the forward pass). Slots used by
+running rows are pinned; the least recently used unpinned adapter is evicted first, in each tier.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from server.lora.layer import LoraLinear
+from server.lora.weights import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec, AdapterWeights, load_weights, read_spec
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", "loraserve_metadata.json"}
+
+DISK, CPU, GPU = "disk", "cpu", "gpu"
+
+
+def check_id(adapter_id: str) -> str:
+    if not ADAPTER_ID_RE.match(adapter_id or "") or adapter_id in (".", ".."):
+        raise InvalidArgument(
+            f"adapter id {adapter_id!r} is malformed: it must match {ADAPTER_ID_RE.pattern} (no slashes or '..')"
+        )
+    return adapter_id
+
+
+@dataclass
+class AdapterInfo:
+    adapter_id: str
+    state: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    task_type: str
+    size_bytes: int
+    slot: int | None
+    error: str | None = None
+
+
+class AdapterRegistry:
+    def __init__(self, root: str | Path, wrapped: dict[str, LoraLinear], slots: int, max_cpu: int,
+                 max_rank: int, dtype: torch.dtype, metrics=None, on_loaded: Callable[[], None] | None = None):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.wrapped = wrapped
+        self.shapes = {name: (m.in_features, m.out_features) for name, m in wrapped.items()}
+        self.max_rank = max_rank
+        self.max_cpu = max_cpu
+        self.dtype = dtype
+        self.metrics = metrics
+        self.on_loaded = on_loaded or (lambda: None)
+        self._lock = threading.RLock()
+        self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()  # LRU order: oldest first
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order among resident adapters
+        self._free_slots = list(range(slots, 0, -1))  # slot 0 means "no adapter"
+        self._slot_rank = [0] * (slots + 1)
+        self._pins: dict[int, int] = {}
+        self._loading: dict[str, Future] = {}
+        self._errors: dict[str, str] = {}
+        self._evict_on_release: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._report_residency()
+
+    # --- paths -------------------------------------------------------------------------------
+
+    def path_of(self, adapter_id: str) -> Path:
+        check_id(adapter_id)
+        path = (self.root / adapter_id).resolve()
+        if not path.is_relative_to(self.root):
+            raise InvalidArgument(f"adapter {adapter_id!r} resolves outside the adapter root")
+        return path
+
+    def exists(self, adapter_id: str) -> bool:
+        return (self.path_of(adapter_id) / CONFIG_FILE).is_file()
+
+    def ids(self) -> list[str]:
+        out = []
+        for entry in sorted(self.root.iterdir()):
+            if ADAPTER_ID_RE.match(entry.name) and (entry / CONFIG_FILE).is_file():
+                try:
+                    self.path_of(entry.name)
+                except InvalidArgument:
+                    continue  # a symlink escaping the root is never listed
+                out.append(entry.name)
+        return out
+
+    # --- what the engine calls -----------------------------------------------------------------
+
+    def state(self, adapter_id: str) -> str:
+        """GPU / CPU / disk; raises NotFound or FailedPrecondition (for a failed load)."""
+        with self._lock:
+            if adapter_id in self._slot_of:
+                return GPU
+            if adapter_id in self._cpu:
+                return CPU
+            if adapter_id in self._errors:
+                raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {self._errors[adapter_id]}")
+        if not self.exists(adapter_id):
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+        return DISK
+
+    def request_load(self, adapter_id: str) -> Future:
+        """Start (or join) a background disk -> CPU load; on_loaded() fires when it ends."""
+        with self._lock:
+            fut = self._loading.get(adapter_id)
+            if fut is None:
+                if self.metrics:
+                    self.metrics.adapter_miss()
+                fut = self._pool.submit(self._load_to_cpu, adapter_id)
+                self._loading[adapter_id] = fut
+            return fut
+
+    def _load_to_cpu(self, adapter_id: str) -> AdapterWeights:
+        start = time.perf_counter()
+        try:
+            weights = load_weights(self.path_of(adapter_id), self.shapes, self.max_rank, self.dtype)
+        except FailedPrecondition as e:
+            with self._lock:
+                self._errors[adapter_id] = str(e)
+                self._loading.pop(adapter_id, None)
+            self.on_loaded()
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable file is this adapter's problem only
+            with self._lock:
+                self._errors[adapter_id] = f"{type(e).__name__}: {e}"
+                self._loading.pop(adapter_id, None)
+            self.on_loaded()
+            raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {e}") from e
+        with self._lock:
+            self._cpu[adapter_id] = weights
+            self._cpu.move_to_end(adapter_id)
+            self._loading.pop(adapter_id, None)
+            self._trim_cpu()
+            self._report_residency()
+        if self.metrics:
+            self.metrics.adapter_loaded(time.perf_counter() - start)
+        self.on_loaded()
+        return weights
+
+    def acquire_slot(self, adapter_id: str) -> int | None:
+        """Engine thread: pin the adapter in a device slot, copying it in if needed.
+
+        Returns None when every slot is pinned by running rows (the request waits)."""
+        with self._lock:
+            slot = self._slot_of.get(adapter_id)
+            if slot is not None:
+                self._slot_of.move_to_end(adapter_id)
+                if self.metrics:
+                    self.metrics.adapter_hit()
+            else:
+                weights = self._cpu.get(adapter_id)
+                if weights is None:
+                    return None
+                slot = self._take_slot()
+                if slot is None:
+                    return None
+                for name, layer in self.wrapped.items():
+                    a, b = weights.modules.get(name, (None, None))
+                    layer.write_slot(slot, a, b)
+                self._slot_rank[slot] = weights.max_rank
+                self._slot_of[adapter_id] = slot
+                self._cpu.move_to_end(adapter_id)
+                self._report_residency()
+            self._pins[slot] = self._pins.get(slot, 0) + 1
+            return slot
+
+    def release_slot(self, adapter_id: str, slot: int) -> None:
+        with self._lock:
+            self._pins[slot] -= 1
+            if self._pins[slot] == 0:
+                del self._pins[slot]
+                if adapter_id in self._evict_on_release:
+                    self._evict_on_release.discard(adapter_id)
+                    self._drop_slot(adapter_id)
+
+    def slot_ranks(self) -> list[int]:
+        return self._slot_rank
+
+    def _take_slot(self) -> int | None:
+        if self._free_slots:
+            return self._free_slots.pop()
+        for victim, slot in self._slot_of.items():  # oldest first
+            if slot not in self._pins:
+                self._drop_slot(victim)
+                if self.metrics:
+                    self.metrics.adapter_evicted(GPU)
+                return self._free_slots.pop()
+        return None
+
+    def _drop_slot(self, adapter_id: str) -> None:
+        slot = self._slot_of.pop(adapter_id, None)
+        if slot is not None:
+            self._slot_rank[slot] = 0
+            self._free_slots.append(slot)
+            self._report_residency()
+
+    def _trim_cpu(self) -> None:
+        # Adapters in a slot keep their CPU copy only while the CPU tier has room.
+        while len(self._cpu) > self.max_cpu:
+            victim = next(iter(self._cpu))
+            del self._cpu[victim]
+            if self.metrics:
+                self.metrics.adapter_evicted(CPU)
+
+    def _report_residency(self) -> None:
+        if self.metrics:
+            self.metrics.adapters_resident(GPU, len(self._slot_of))
+            self.metrics.adapters_resident(CPU, len(self._cpu))
+
+    # --- what the AdapterService calls ----------------------------------------------------------
+
+    def info(self, adapter_id: str) -> AdapterInfo:
+        path = self.path_of(adapter_id)
+        if not (path / CONFIG_FILE).is_file():
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+        with self._lock:
+            state = GPU if adapter_id in self._slot_of else CPU if adapter_id in self._cpu else DISK
+            slot = self._slot_of.get(adapter_id)
+            error = self._errors.get(adapter_id)
+        try:
+            spec = read_spec(path)
+        except FailedPrecondition as e:
+            spec, error = AdapterSpec(rank=0, alpha=0.0, target_modules=[]), error or str(e)
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return AdapterInfo(adapter_id, state, spec.rank, spec.alpha, spec.targets_list, spec.task_type, size, slot,
+                           error)
+
+    def load(self, adapter_id: str) -> AdapterInfo:
+        """Validate and bring an adapter already under the root into the CPU tier."""
+        if not self.exists(adapter_id):
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+        self.invalidate(adapter_id, forget_error=True)
+        self.request_load(adapter_id).result()
+        return self.info(adapter_id)
+
+    def register_path(self, adapter_id: str, rel_path: str) -> AdapterInfo:
+        """Serve a directory that lies under the root under a (new) id, by a relative symlink."""
+        check_id(adapter_id)
+        target = Path(rel_path)
+        target = (target if target.is_absolute() else self.root / target).resolve()
+        if not target.is_relative_to(self.root):
+            raise InvalidArgument(f"path {rel_path!r} lies outside the adapter root {self.root}")
+        if not (target / CONFIG_FILE).is_file():
+            raise NotFound(f"no {CONFIG_FILE} in {rel_path!r}")
+        link = self.root / adapter_id
+        if target != link.resolve():
+            if link.exists() or link.is_symlink():
+                raise AlreadyExists(f"adapter {adapter_id!r} already exists")
+            os.symlink(os.path.relpath(target, self.root), link)
+        try:
+            return self.load(adapter_id)
+        except FailedPrecondition:
+            if link.is_symlink():
+                link.unlink()
+            raise
+
+    def upload(self, adapter_id: str, files: dict[str, bytes], overwrite: bool) -> AdapterInfo:
+        """Write uploaded adapter files atomically after validating them; nothing is left on failure."""
+        check_id(adapter_id)
+        for name in files:
+            if name not in ALLOWED_UPLOADS:
+                raise InvalidArgument(f"file {name!r} is not accepted; allowed: {', '.join(sorted(ALLOWED_UPLOADS))}")
+        target = self.root / adapter_id
+        if (target.exists() or target.is_symlink()) and not overwrite:
+            raise AlreadyExists(f"adapter {adapter_id!r} already exists (set overwrite to replace it)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".upload-{adapter_id}-", dir=self.root))
+        try:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            load_weights(tmp, self.shapes, self.max_rank, self.dtype)  # raises FailedPrecondition
+            self.install_dir(adapter_id, tmp, overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.load(adapter_id)
+
+    def install_dir(self, adapter_id: str, src: Path, overwrite: bool) -> None:
+        """Rename a finished directory into place (atomic on one filesystem) and drop stale copies."""
+        target = self.root / adapter_id
+        with self._lock:
+            if target.exists() or target.is_symlink():
+                if not overwrite:
+                    raise AlreadyExists(f"adapter {adapter_id!r} already exists (set overwrite to replace it)")
+                old = self.root / f".old-{adapter_id}-{time.monotonic_ns()}"
+                os.rename(target, old)
+                os.rename(src, target)
+                shutil.rmtree(old, ignore_errors=True) if not old.is_symlink() else old.unlink()
+            else:
+                os.rename(src, target)
+            self.invalidate(adapter_id, forget_error=True)
+
+    def invalidate(self, adapter_id: str, forget_error: bool = False) -> None:
+        """Forget cached copies (files changed). A pinned slot is dropped when its rows finish."""
+        with self._lock:
+            self._cpu.pop(adapter_id, None)
+            if forget_error:
+                self._errors.pop(adapter_id, None)
+            slot = self._slot_of.get(adapter_id)
+            if slot is not None:
+                if slot in self._pins:
+                    self._evict_on_release.add(adapter_id)
+                else:
+                    self._drop_slot(adapter_id)
+            self._report_residency()
+
+    def unload(self, adapter_id: str) -> AdapterInfo:
+        if not self.exists(adapter_id):
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+        self.invalidate(adapter_id, forget_error=True)
+        return self.info(adapter_id)
+
+    def delete(self, adapter_id: str) -> None:
+        path = self.root / check_id(adapter_id)
+        if not (path.exists() or path.is_symlink()):
+            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
+        with self._lock:
+            slot = self._slot_of.get(adapter_id)
+            if slot is not None and slot in self._pins:
+                raise FailedPrecondition(
+                    f"adapter {adapter_id!r} is serving {self._pins[slot]} running request(s); retry when they finish"
+                )
+            self.invalidate(adapter_id, forget_error=True)
+            if path.is_symlink():
+                path.unlink()
+            else:
+                trash = self.root / f".deleted-{adapter_id}-{time.monotonic_ns()}"
+                os.rename(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

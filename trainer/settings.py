@@ -1,0 +1,145 @@
+"""Training hyper-parameters for one adapter: the usual LoRA / QLoRA defaults, validated up front.
+
+Every check raises InvalidArgument naming the setting and its allowed range, so a bad Train request
+or CLI flag fails before the model is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from server.errors import InvalidArgument
+from server.lora.layer import DEFAULT_TARGETS
+
+# LoraCacheConfig accepts --max-lora-rank up to this; a serving server may allow less.
+MAX_RANK = 1024
+SCHEDULERS = ("linear", "cosine", "constant")
+TEMPLATES = ("auto", "chat", "plain")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    rank: int = 8
+    """LoRA rank r: rows of A / columns of B per targeted module."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training, in [0, 1)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    """Module name suffixes that get LoRA (PEFT's matching): all attention and MLP projections."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate, in (0, 1]."""
+    epochs: int = 3
+    """Passes over the training split; ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means run `epochs` passes."""
+    batch_size: int = 4
+    """Examples per micro-batch (one forward + backward)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the effective batch is batch_size times this."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent ramping the learning rate up from 0, in [0, 1)."""
+    lr_scheduler: str = "linear"
+    """Learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on the LoRA weights, >= 0."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient's global L2 norm to this; 0 disables clipping."""
+    seed: int = 42
+    """Seeds the LoRA initialisation, the train/eval split and the per-epoch shuffle."""
+    eval_fraction: float = 0.1
+    """Share of the examples held out for evaluation, in [0, 0.5]; 0 disables evaluation."""
+    eval_steps: int = 0
+    """Evaluate every this many optimizer steps; 0 evaluates once per epoch (and always at the end)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better eval loss (best weights kept); 0 is off."""
+    max_length: int = 512
+    """Longest example in tokens; longer ones are cut at the end (see trainer.data)."""
+    template: str = "auto"
+    """How prompt/completion examples are rendered: chat (the tokenizer's chat template, prompt as the
+    user turn, completion as the assistant turn), plain (prompt + completion concatenated), or auto
+    (chat when the tokenizer has a chat template, else plain). "messages" examples always use chat."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third slower."""
+    bf16: bool = True
+    """bfloat16 autocast for the forward pass; applies on CUDA only (CPU stays float32)."""
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            # A comma-separated string is what the CLI and loose JSON give; store the tuple.
+            object.__setattr__(self, "target_modules", tuple(t.strip() for t in self.target_modules.split(",")))
+        elif isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        self._check_types()
+        _in_range("rank", self.rank, 1, MAX_RANK)
+        _positive("alpha", self.alpha)
+        _in_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise InvalidArgument("target_modules must be a non-empty list of module names (e.g. q_proj,v_proj)")
+        _in_range("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _in_range("epochs", self.epochs, 1, 1000)
+        _in_range("max_steps", self.max_steps, 0, 10_000_000)
+        _in_range("batch_size", self.batch_size, 1, 4096)
+        _in_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 4096)
+        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        _one_of("lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _in_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _in_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        _in_range("seed", self.seed, 0, 2**63 - 1)
+        _in_range("eval_fraction", self.eval_fraction, 0.0, 0.5)
+        _in_range("eval_steps", self.eval_steps, 0, 10_000_000)
+        _in_range("early_stopping_patience", self.early_stopping_patience, 0, 10_000)
+        if self.early_stopping_patience and self.eval_fraction == 0:
+            raise InvalidArgument("early_stopping_patience needs evaluation: set eval_fraction > 0")
+        _in_range("max_length", self.max_length, 8, 1_048_576)
+        _one_of("template", self.template, TEMPLATES)
+
+    def _check_types(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = type(f.default) if f.name != "target_modules" else tuple
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # JSON and CLI give 16 for 16.0
+                continue
+            # bool is an int subclass: reject True as a rank, and 1 as a flag.
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise InvalidArgument(f"{f.name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        """Settings from a request or JSON object; unknown keys are refused (a typo must not be ignored)."""
+        if not isinstance(values, dict):
+            raise InvalidArgument("training settings must be an object of setting: value")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidArgument(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+
+def _in_range(name, value, low, high, low_open=False, high_open=False):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    bad_low = value <= low if low_open else value < low
+    bad_high = value >= high if high_open else value > high
+    if bad_low or bad_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise InvalidArgument(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+def _positive(name, value):
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"{name} must be > 0, got {value}")
+
+
+def _one_of(name, value, allowed):
+    if value not in allowed:
+        raise InvalidArgument(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
