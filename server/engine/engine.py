@@ -100,6 +100,12 @@ class Engine:
         with self._cond:
             return len(self._incoming) + len(self._waiting) + len(self.batch)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is queued or running (True), or the timeout passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not (self._incoming or self._waiting or len(self.batch)), timeout=timeout)
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
@@ -131,6 +137,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
                 self._fail_batch(e)
             self._report()
+            with self._cond:
+                self._cond.notify_all()  # wakes wait_idle()
         for req in list(self._waiting) + [r.request for r in self.batch.rows]:
             req.emit(Failed(Unavailable("the server stopped")))
 

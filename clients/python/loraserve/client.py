@@ -1,0 +1,149 @@
+"""A small typed Python client for loraserve.
+
+    from loraserve.client import Client
+    with Client("localhost:50051") as c:
+        print(c.predict("Hello", adapter_id="my-task", max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+
+from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+_FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
+_STATE = {adapter_pb2.ADAPTER_STATE_DISK: "disk", adapter_pb2.ADAPTER_STATE_CPU: "cpu",
+          adapter_pb2.ADAPTER_STATE_GPU: "gpu"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    queue_seconds: float
+    first_token_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece; the last one has finish_reason set and carries the usage."""
+
+    text: str
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    adapter_id: str
+    state: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    task_type: str
+    size_bytes: int
+    error: str
+
+
+def _adapter(pb) -> Adapter:
+    return Adapter(pb.adapter_id, _STATE.get(pb.state, "unknown"), pb.rank, pb.alpha, tuple(pb.target_modules),
+                   pb.task_type, pb.size_bytes, pb.error)
+
+
+def _completion(text: str, pb) -> Completion:
+    return Completion(text, _FINISH.get(pb.finish_reason, "unknown"), pb.usage.prompt_tokens,
+                      pb.usage.generated_tokens, pb.timings.queue_seconds, pb.timings.first_token_seconds,
+                      pb.timings.total_seconds)
+
+
+class Client:
+    def __init__(self, target: str = "localhost:50051", channel: grpc.Channel | None = None,
+                 timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024):
+        self.channel = channel or grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)])
+        self.timeout = timeout
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.adapters = adapter_pb2_grpc.AdapterServiceStub(self.channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @staticmethod
+    def _request(cls, prompt, messages, adapter_id, max_new_tokens, temperature, top_p, top_k, seed, stop):
+        sampling = inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                                stop=list(stop))
+        if top_p is not None:
+            sampling.top_p = top_p
+        if seed is not None:
+            sampling.seed = seed
+        chat = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
+        return cls(adapter_id=adapter_id or "", prompt=prompt or "", messages=chat, sampling=sampling)
+
+    def predict(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, adapter_id: str = "",
+                max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
+                seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None) -> Completion:
+        req = self._request(inference_pb2.PredictRequest, prompt, messages, adapter_id, max_new_tokens, temperature,
+                            top_p, top_k, seed, stop)
+        resp = self.inference.Predict(req, timeout=timeout or self.timeout)
+        return _completion(resp.text, resp)
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, adapter_id: str = "",
+               max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
+               seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None) -> Iterator[Chunk]:
+        req = self._request(inference_pb2.PredictStreamRequest, prompt, messages, adapter_id, max_new_tokens,
+                            temperature, top_p, top_k, seed, stop)
+        text = []
+        for resp in self.inference.PredictStream(req, timeout=timeout or self.timeout):
+            text.append(resp.text_delta)
+            if resp.finish_reason:
+                done = _completion("".join(text), resp)
+                yield Chunk(resp.text_delta, done.finish_reason, done)
+            else:
+                yield Chunk(resp.text_delta)
+
+    def list_adapters(self, page_size: int = 0) -> list[Adapter]:
+        out, token = [], ""
+        while True:
+            resp = self.adapters.ListAdapters(adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token),
+                                              timeout=self.timeout)
+            out.extend(_adapter(a) for a in resp.adapters)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def get_adapter(self, adapter_id: str) -> Adapter:
+        return _adapter(self.adapters.GetAdapter(adapter_pb2.GetAdapterRequest(adapter_id=adapter_id),
+                                                 timeout=self.timeout).adapter)
+
+    def load_adapter(self, adapter_id: str, *, path: str | None = None, upload_dir: str | Path | None = None,
+                     overwrite: bool = False) -> Adapter:
+        """Load <root>/<adapter_id>, or register `path` (under the server's root), or upload a local dir."""
+        req = adapter_pb2.LoadAdapterRequest(adapter_id=adapter_id, overwrite=overwrite)
+        if path is not None:
+            req.path = path
+        if upload_dir is not None:
+            files = {p.name: p.read_bytes() for p in Path(upload_dir).iterdir()
+                     if p.name in ("adapter_config.json", "adapter_model.safetensors", "loraserve_metadata.json")}
+            req.upload.files.update(files)
+        return _adapter(self.adapters.LoadAdapter(req, timeout=self.timeout).adapter)
+
+    def unload_adapter(self, adapter_id: str) -> Adapter:
+        return _adapter(self.adapters.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(adapter_id=adapter_id),
+                                                    timeout=self.timeout).adapter)
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self.adapters.DeleteAdapter(adapter_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)

@@ -1,0 +1,118 @@
+"""Assembles the server: base model, LoRA wrappers, registry, engine, gRPC services, metrics.
+
+Lifecycle: start() binds the ports; on SIGTERM/SIGINT drain() turns health NOT_SERVING, makes new
+requests fail with UNAVAILABLE, lets in-flight requests finish within the grace period, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.lora.layer import wrap_model
+from server.lora.registry import AdapterRegistry
+from server.metrics import Metrics
+from server.model.load import BaseModel, load_base
+from server.model.turns import DeviceTurns
+from server.service.adapters import AdapterService
+from server.service.inference import InferenceService
+from server.service.interceptors import ErrorsAndMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+)
+
+
+class LoraServer:
+    def __init__(self, config: ServerConfig, base: BaseModel | None = None):
+        self.config = config
+        self.base = base or load_base(config.model)
+        lora = config.lora
+        self.ctx, self.wrapped = wrap_model(self.base.model, lora.max_gpu_adapters, lora.max_lora_rank,
+                                            self.base.compute_dtype, self.base.device)
+        self.metrics = Metrics(config.per_adapter_metrics, config.max_adapter_labels)
+        self.turns = DeviceTurns()
+        self.registry = AdapterRegistry(lora.adapter_root, self.wrapped, lora.max_gpu_adapters,
+                                        lora.max_cpu_adapters, lora.max_lora_rank, self.base.compute_dtype,
+                                        self.metrics)
+        self.engine = Engine(self.base, self.ctx, self.registry, config.engine, self.turns, self.metrics)
+        self.registry.on_loaded = self.engine.wake
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        limit = self.config.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=[ErrorsAndMetrics(self.metrics)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceService(self.engine, self.base.tokenizer, self.metrics), self.server)
+        adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
+            AdapterService(self.registry, self.config.lora.max_upload_bytes), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        self.engine.start()
+        await self.server.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (%s) on port %d, metrics on %d", self.base.name, self.base.quantization, self.port,
+                 self.metrics_port)
+        return self.port
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop taking work, let in-flight requests finish (up to the grace period), then stop."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()  # every service reports NOT_SERVING
+        self.engine.begin_drain()
+        deadline = time.monotonic() + grace
+        await asyncio.to_thread(self.engine.wait_idle, grace)
+        await self.stop(grace=max(0.0, deadline - time.monotonic()))
+
+    async def stop(self, grace: float = 0.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.engine.stop()
+        self.registry.close()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve_forever(config: ServerConfig) -> None:
+    server = LoraServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task] = []
+
+    def on_signal(sig):
+        if not draining:
+            log.info("%s: draining (grace %.0f s)", signal.Signals(sig).name, config.grace_seconds)
+            draining.append(loop.create_task(server.drain()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await server.wait()

@@ -1,0 +1,104 @@
+"""The `loraserve` command: serve, train, finetune.
+
+Every `serve` flag can also come from a LORASERVE_<FLAG> environment variable (read here, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from server.config import EngineConfig, LoraCacheConfig, ModelConfig, ServerConfig, TrainingConfig
+
+ENV_PREFIX = "LORASERVE_"
+
+
+def _env(name: str, default, cast=str):
+    raw = os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+    if raw is None:
+        return default
+    if cast is bool:
+        return raw.lower() in ("1", "true", "yes", "on")
+    return cast(raw)
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d, lc, ec = ServerConfig(), LoraCacheConfig(), EngineConfig()
+    p.add_argument("--host", default=_env("host", d.host), help="address to bind (default %(default)s)")
+    p.add_argument("--port", type=int, default=_env("port", d.port, int), help="gRPC port (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=_env("metrics-port", d.metrics_port, int),
+                   help="Prometheus /metrics HTTP port; -1 disables (default %(default)s)")
+    p.add_argument("--model", default=_env("model", None),
+                   help="local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quantization", choices=["nf4", "bf16", "fp32"], default=_env("quantization", "nf4"),
+                   help="base weights: NF4 4-bit (bitsandbytes), bf16 or fp32 (default %(default)s)")
+    p.add_argument("--device", default=_env("device", None), help="torch device (default: cuda if available)")
+    p.add_argument("--adapter-root", default=_env("adapter-root", lc.adapter_root),
+                   help="directory of adapters, one sub-directory per id (default %(default)s)")
+    p.add_argument("--max-gpu-adapters", type=int, default=_env("max-gpu-adapters", lc.max_gpu_adapters, int),
+                   help="adapter slots on the device (default %(default)s)")
+    p.add_argument("--max-cpu-adapters", type=int, default=_env("max-cpu-adapters", lc.max_cpu_adapters, int),
+                   help="adapters cached in host memory (default %(default)s)")
+    p.add_argument("--max-lora-rank", type=int, default=_env("max-lora-rank", lc.max_lora_rank, int),
+                   help="largest adapter rank accepted (default %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=_env("max-batch-size", ec.max_batch_size, int),
+                   help="rows decoded together (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=_env("max-queue", ec.max_queue, int),
+                   help="requests waiting for a row before RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=_env("max-new-tokens", ec.max_new_tokens, int),
+                   help="cap on a request's max_new_tokens (default %(default)s)")
+    p.add_argument("--grace-seconds", type=float, default=_env("grace-seconds", d.grace_seconds, float),
+                   help="on SIGTERM, time for in-flight requests to finish (default %(default)s)")
+    p.add_argument("--data-root", default=_env("data-root", TrainingConfig().data_root),
+                   help="directory that Train requests' dataset files resolve under (default %(default)s)")
+    p.add_argument("--per-adapter-metrics", action="store_true", default=_env("per-adapter-metrics", False, bool),
+                   help="label request metrics by adapter id (first 100 ids)")
+    p.add_argument("--log-level", default=_env("log-level", "INFO"))
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=a.host,
+        port=a.port,
+        metrics_port=a.metrics_port,
+        grace_seconds=a.grace_seconds,
+        per_adapter_metrics=a.per_adapter_metrics,
+        model=ModelConfig(path=a.model, quantization=a.quantization, device=a.device),
+        lora=LoraCacheConfig(adapter_root=a.adapter_root, max_gpu_adapters=a.max_gpu_adapters,
+                             max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank),
+        engine=EngineConfig(max_batch_size=a.max_batch_size, max_queue=a.max_queue, max_new_tokens=a.max_new_tokens,
+                            default_max_new_tokens=min(EngineConfig.default_max_new_tokens, a.max_new_tokens)),
+        training=TrainingConfig(data_root=a.data_root),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
+    try:
+        from trainer.cli import add_train_arguments, run_train
+    except ImportError:  # pragma: no cover - the trainer ships with the package
+        add_train_arguments = run_train = None
+    if add_train_arguments is not None:
+        add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return run_train(args)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    from server.app import serve_forever
+
+    asyncio.run(serve_forever(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

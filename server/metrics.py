@@ -1,0 +1,111 @@
+"""Prometheus metrics: loraserve_ prefix, base units, bounded labels.
+
+Each server owns its own CollectorRegistry (several servers can live in one test process).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+OTHER = "other"
+
+
+class Metrics:
+    def __init__(self, per_adapter: bool = False, max_adapter_labels: int = 100):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.per_adapter = per_adapter
+        self.max_adapter_labels = max_adapter_labels
+        self._adapter_labels: set[str] = set()
+        self.requests = Counter("loraserve_requests", "RPCs handled, by method and gRPC status code",
+                                ["method", "code"], registry=r)
+        self.rpc_seconds = Histogram("loraserve_rpc_duration_seconds", "RPC handling time", ["method"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_requests = Counter("loraserve_adapter_requests", "Generation requests by adapter "
+                                        f"(first {max_adapter_labels} ids, then '{OTHER}'); only with "
+                                        "--per-adapter-metrics", ["adapter"], registry=r)
+        self.ttft = Histogram("loraserve_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loraserve_inter_token_latency_seconds", "Time between two tokens of a request",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("loraserve_request_duration_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loraserve_request_queue_seconds", "Arrival to joining the running batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.finished = Counter("loraserve_requests_finished", "Generation requests by finish reason",
+                                ["reason"], registry=r)
+        self.queue_depth = Gauge("loraserve_queue_depth", "Requests waiting for a row", registry=r)
+        self.running = Gauge("loraserve_running_batch_size", "Rows in the running batch", registry=r)
+        self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("loraserve_generated_tokens", "Tokens generated", registry=r)
+        self.cache_hits = Counter("loraserve_adapter_cache_hits", "Adapter found in a device slot", registry=r)
+        self.cache_misses = Counter("loraserve_adapter_cache_misses", "Adapter had to be read from disk",
+                                    registry=r)
+        self.loads = Counter("loraserve_adapter_loads", "Adapters read from disk", registry=r)
+        self.load_seconds = Histogram("loraserve_adapter_load_seconds", "Disk to host memory load time",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.evictions = Counter("loraserve_adapter_evictions", "Adapters evicted, by tier", ["tier"], registry=r)
+        self.resident = Gauge("loraserve_adapters_resident", "Adapters resident, by tier", ["tier"], registry=r)
+        self.training_jobs = Gauge("loraserve_training_jobs", "Training jobs by state", ["state"], registry=r)
+        self.training_tokens = Counter("loraserve_training_tokens", "Tokens trained on", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server; returns its port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    # --- hooks called by the engine and the registry -----------------------------------------------
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.rpc_seconds.labels(method).observe(seconds)
+
+    def observe_adapter_request(self, adapter_id: str) -> None:
+        if not self.per_adapter:
+            return
+        label = adapter_id or "base"
+        if label not in self._adapter_labels:
+            if len(self._adapter_labels) >= self.max_adapter_labels:
+                label = OTHER
+            else:
+                self._adapter_labels.add(label)
+        self.adapter_requests.labels(label).inc()
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def observe_request(self, seconds: float, prompt_tokens: int, generated: int, reason: str) -> None:
+        self.e2e.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generated_tokens.inc(generated)
+        self.finished.labels(reason).inc()
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(n)
+
+    def set_running(self, n: int) -> None:
+        self.running.set(n)
+
+    def adapter_hit(self) -> None:
+        self.cache_hits.inc()
+
+    def adapter_miss(self) -> None:
+        self.cache_misses.inc()
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self.loads.inc()
+        self.load_seconds.observe(seconds)
+
+    def adapter_evicted(self, tier: str) -> None:
+        self.evictions.labels(tier).inc()
+
+    def adapters_resident(self, tier: str, n: int) -> None:
+        self.resident.labels(tier).set(n)
