@@ -50,3 +50,29 @@ def embedded_model_dir() -> Path:
     from server.model.load import ensure_embedded_model
 
     return ensure_embedded_model()
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 8, alpha: int = 16,
+                      targets=ALL_PROJECTIONS) -> Path:
+    """A random (non-zero B) LoRA adapter made by stock PEFT, saved in PEFT's format."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def adapter_sources(tiny_model_dir, tmp_path_factory) -> Path:
+    """Three random PEFT adapters for the tiny model: a0, a1, a2 (copy them into an adapter root)."""
+    root = tmp_path_factory.mktemp("adapter-sources")
+    for i in range(3):
+        make_peft_adapter(tiny_model_dir, root / f"a{i}", seed=100 + i, rank=4 + 4 * i)
+    return root

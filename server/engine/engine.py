@@ -20,7 +20,7 @@ from server.engine.batch import Row, RunningBatch
 from server.engine.detokenize import TextStream
 from server.engine.sampling import RowSampler
 from server.engine.types import Failed, Finished, GenerationRequest, TextDelta, Timings
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.errors import InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
 from server.lora.registry import DISK, AdapterRegistry
 from server.model.turns import DeviceTurns
 
@@ -70,6 +70,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
+        if request.adapter_id:
+            self.registry.path_of(request.adapter_id)  # malformed or escaping ids fail now, not in a step
         with self._cond:
             if self._draining or self._stopped:
                 raise Unavailable("the server is shutting down; retry on another replica")
@@ -213,7 +215,7 @@ class Engine:
                 self.registry.request_load(req.adapter_id)
                 return None
             return self.registry.acquire_slot(req.adapter_id)
-        except (NotFound, FailedPrecondition) as e:
+        except LoraserveError as e:  # unknown, unreadable or escaping adapter: this request only
             self._waiting.remove(req)
             req.emit(Failed(e))
             return None
