@@ -76,7 +76,7 @@ def tokenize_example(example: Example, tokenizer, *, chat: bool, max_length: int
     ids: list[int] = []
     labels: list[int] = []
     for text, learned, special in segments:
-        piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
+        piece = tokenizer(text, add_special_tokens=special)["input_ids"] if text or special else []
         if learned and (not piece or piece[-1] not in eos_token_ids):
             # The adapter must learn to stop: end every learned turn with EOS.
             piece = list(piece) + [eos_token_ids[0]]
@@ -103,7 +103,8 @@ def _chat_segments(example: Example, tokenizer, messages: list[tuple[str, str]])
     generation prompt, so it holds exactly the tokens the model generates (content and end-of-turn).
     """
     if not has_chat_template(tokenizer):
-        raise InvalidArgument(f"{example.source}: messages need a chat template, and the base model's tokenizer has none")
+        raise InvalidArgument(f"{example.source}: messages need a chat template, "
+                              "and the base model's tokenizer has none")
     chat = [{"role": r, "content": c} for r, c in messages]
     segments: list[tuple[str, bool, bool]] = []
     done = ""
@@ -115,7 +116,8 @@ def _chat_segments(example: Example, tokenizer, messages: list[tuple[str, str]])
         if not prompt.startswith(done) or not full.startswith(prompt):
             raise InvalidArgument(
                 f"{example.source}: the chat template does not render turn {i + 1} as a continuation of the "
-                "turns before it, so the assistant's tokens cannot be told apart: use prompt/completion with template=plain"
+                "turns before it, so the assistant's tokens cannot be told apart: "
+                "use prompt/completion with template=plain"
             )
         reply = full[len(prompt):]
         # Whitespace after the end-of-turn token is formatting for the next turn, never generated.

@@ -116,7 +116,8 @@ class TrainSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise InvalidArgument(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidArgument(f"unknown training setting(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(sorted(known))}")
         return cls(**values)
 
     def to_dict(self) -> dict:
