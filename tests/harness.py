@@ -60,7 +60,7 @@ class RunningServer:
 
     def metric(self, name: str, **labels) -> float:
         """Value of one sample from a real /metrics scrape (0 if absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in self.metrics_text().splitlines():
             if line.startswith("#"):
                 continue
