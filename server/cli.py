@@ -79,12 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
-    try:
-        from trainer.cli import add_train_arguments, run_train
-    except ImportError:  # pragma: no cover - the trainer ships with the package
-        add_train_arguments = run_train = None
-    if add_train_arguments is not None:
-        add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
+    from trainer.cli import add_train_arguments, run_train
+
+    add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
     args = parser.parse_args(argv)
     if args.command == "train":
         return run_train(args)

@@ -1,13 +1,13 @@
 """Typed configuration, one dataclass per concern.
 
-The environment is read in exactly one place (`from_env_and_args` in cli.py calls `env_defaults`),
-at start-up; nothing here reads os.environ at import time.
+The environment is read in exactly one place, server/cli.py at start-up (LORASERVE_* variables);
+nothing here reads os.environ except default_cache_dir(), called when the model loads.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 QUANTIZATIONS = ("nf4", "bf16", "fp32")
@@ -107,16 +107,3 @@ class ServerConfig:
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraserve"
 
-
-def env_defaults(prefix: str, names: list[str]) -> dict[str, str]:
-    """LORASERVE_<NAME> values for the given flag names (dashes become underscores)."""
-    out = {}
-    for name in names:
-        key = prefix + name.upper().replace("-", "_")
-        if key in os.environ:
-            out[name] = os.environ[key]
-    return out
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]

@@ -113,6 +113,8 @@ class AdapterRegistry:
                 return CPU
             if adapter_id in self._errors:
                 raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {self._errors[adapter_id]}")
+            if adapter_id in self._loading:
+                return DISK  # no file system look-up on every step while a load is under way
         if not self.exists(adapter_id):
             raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
         return DISK
@@ -301,7 +303,10 @@ class AdapterRegistry:
                 old = self.root / f".old-{adapter_id}-{time.monotonic_ns()}"
                 os.rename(target, old)
                 os.rename(src, target)
-                shutil.rmtree(old, ignore_errors=True) if not old.is_symlink() else old.unlink()
+                if old.is_symlink():
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(src, target)
             self.invalidate(adapter_id, forget_error=True)
