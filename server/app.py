@@ -2,6 +2,9 @@
 
 Lifecycle: start() binds the ports; on SIGTERM/SIGINT drain() turns health NOT_SERVING, makes new
 requests fail with UNAVAILABLE, lets in-flight requests finish within the grace period, then stops.
+Training jobs do not get the grace period: a job runs for minutes to hours and cannot resume, so
+draining ends running and queued jobs at once (reported as failed, with the reason, to their
+watchers and in their records), which also gives the device to the requests still finishing.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraserve.v1 import (adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2,
+                          training_pb2_grpc)
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.lora.layer import wrap_model
@@ -26,13 +30,17 @@ from server.model.turns import DeviceTurns
 from server.service.adapters import AdapterService
 from server.service.inference import InferenceService
 from server.service.interceptors import ErrorsAndMetrics
+from server.service.training import TrainingService
+from server.training.jobs import TrainingJobs
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
 )
+SHUTDOWN = "interrupted: the server shut down before the job finished; submit it again"
 
 
 class LoraServer:
@@ -49,6 +57,8 @@ class LoraServer:
                                         self.metrics)
         self.engine = Engine(self.base, self.ctx, self.registry, config.engine, self.turns, self.metrics)
         self.registry.on_loaded = self.engine.wake
+        self.training = TrainingJobs(self.base, self.ctx, self.wrapped, self.registry, self.turns, self.metrics,
+                                     config.training, serving=lambda: self.engine.in_flight > 0)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -65,6 +75,7 @@ class LoraServer:
             InferenceService(self.engine, self.base.tokenizer, self.metrics), self.server)
         adapter_pb2_grpc.add_AdapterServiceServicer_to_server(
             AdapterService(self.registry, self.config.lora.max_upload_bytes), self.server)
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(self.training), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -88,10 +99,13 @@ class LoraServer:
         await self.health.enter_graceful_shutdown()  # every service reports NOT_SERVING
         self.engine.begin_drain()
         deadline = time.monotonic() + grace
-        await asyncio.to_thread(self.engine.wait_idle, grace)
+        await asyncio.to_thread(self.training.shutdown, SHUTDOWN, grace)
+        await asyncio.to_thread(self.engine.wait_idle, max(0.0, deadline - time.monotonic()))
         await self.stop(grace=max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace: float = 0.0) -> None:
+        # Jobs end before the RPCs: their records say why, and within the grace their streams say it too.
+        await asyncio.to_thread(self.training.shutdown, SHUTDOWN)
         if self.server is not None:
             await self.server.stop(grace)
         self.engine.stop()

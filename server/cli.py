@@ -54,6 +54,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, time for in-flight requests to finish (default %(default)s)")
     p.add_argument("--data-root", default=_env("data-root", TrainingConfig().data_root),
                    help="directory that Train requests' dataset files resolve under (default %(default)s)")
+    p.add_argument("--max-concurrent-jobs", type=int,
+                   default=_env("max-concurrent-jobs", TrainingConfig().max_concurrent_jobs, int),
+                   help="training jobs running at once; the others queue (default %(default)s)")
+    p.add_argument("--training-share", type=float,
+                   default=_env("training-share", TrainingConfig().training_share, float),
+                   help="share of device time training takes while requests are served (default %(default)s)")
     p.add_argument("--per-adapter-metrics", action="store_true", default=_env("per-adapter-metrics", False, bool),
                    help="label request metrics by adapter id (first 100 ids)")
     p.add_argument("--log-level", default=_env("log-level", "INFO"))
@@ -71,7 +77,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                              max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank),
         engine=EngineConfig(max_batch_size=a.max_batch_size, max_queue=a.max_queue, max_new_tokens=a.max_new_tokens,
                             default_max_new_tokens=min(EngineConfig.default_max_new_tokens, a.max_new_tokens)),
-        training=TrainingConfig(data_root=a.data_root),
+        training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
+                                training_share=a.training_share),
     )
 
 
@@ -80,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
     from trainer.cli import add_train_arguments, run_train
+    from trainer.finetune import add_finetune_arguments, run_finetune
 
     add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
+    add_finetune_arguments(sub.add_parser("finetune", help="train an adapter on a running server (Train RPC)"))
     args = parser.parse_args(argv)
     if args.command == "train":
         return run_train(args)
+    if args.command == "finetune":
+        return run_finetune(args)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

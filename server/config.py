@@ -81,8 +81,20 @@ class TrainingConfig:
     """Where job records persist; None: <adapter_root>/.jobs."""
     max_concurrent_jobs: int = 1
     """Jobs training at once; the others queue."""
+    max_queued_jobs: int = 64
+    """Jobs waiting to start; beyond it Train answers RESOURCE_EXHAUSTED."""
     max_examples: int = 100_000
     """Examples accepted in one Train request."""
+    training_share: float = 0.5
+    """While requests are being served, the share of device time training jobs take (split evenly
+    between concurrent jobs); 1 lets them alternate with decode steps freely."""
+
+    def __post_init__(self):
+        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 < self.training_share <= 1:
+            raise ValueError("--training-share must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import time
 import grpc
 
 from server import errors
+from trainer.loop import TrainingFailed
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ STATUS = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    # A diverged run (NaN loss): the request was valid, this attempt failed; other settings may not.
+    TrainingFailed: grpc.StatusCode.ABORTED,
 }
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 
-from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraserve import training as train_types
+from loraserve.training import TrainingEvent, TrainingJob
+from loraserve.v1 import (adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2,
+                          training_pb2_grpc)
 
 _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
 _STATE = {adapter_pb2.ADAPTER_STATE_DISK: "disk", adapter_pb2.ADAPTER_STATE_CPU: "cpu",
@@ -72,6 +75,7 @@ class Client:
         self.timeout = timeout
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapter_pb2_grpc.AdapterServiceStub(self.channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
 
     def __enter__(self) -> "Client":
         return self
@@ -147,3 +151,51 @@ class Client:
 
     def delete_adapter(self, adapter_id: str) -> None:
         self.adapters.DeleteAdapter(adapter_pb2.DeleteAdapterRequest(adapter_id=adapter_id), timeout=self.timeout)
+
+    # --- training -------------------------------------------------------------------------------
+
+    def train(self, adapter_id: str, *, examples: Iterable[dict] | None = None, dataset_path: str | None = None,
+              settings: dict | None = None, overwrite: bool = False, truncate: bool = False,
+              timeout: float | None = None) -> Iterator[TrainingEvent]:
+        """Start a job and follow its events to the end; a refused request raises grpc.RpcError at the
+        first event. Stopping the iteration detaches: the job keeps training (watch_training_job
+        re-attaches)."""
+        request = train_types.train_request(adapter_id, examples, dataset_path, settings, overwrite, truncate)
+        return self._events(self.training.Train(request, timeout=timeout or self.timeout))
+
+    def watch_training_job(self, job_id: str, timeout: float | None = None) -> Iterator[TrainingEvent]:
+        """The job's events so far, then the live ones until it ends."""
+        request = training_pb2.WatchTrainingJobRequest(job_id=job_id)
+        return self._events(self.training.WatchTrainingJob(request, timeout=timeout or self.timeout))
+
+    @staticmethod
+    def _events(call) -> Iterator[TrainingEvent]:
+        try:
+            for response in call:
+                yield train_types.event_of(response.event)
+        finally:
+            call.cancel()  # a caller that stops early closes the stream now, not at garbage collection
+
+    def get_training_job(self, job_id: str) -> TrainingJob:
+        return train_types.job_of(self.training.GetTrainingJob(training_pb2.GetTrainingJobRequest(job_id=job_id),
+                                                            timeout=self.timeout).job)
+
+    def list_training_jobs(self, state: str | None = None, page_size: int = 0) -> list[TrainingJob]:
+        """Every job, oldest first; `state` keeps one of queued, running, succeeded, failed, cancelled."""
+        states = {name: value for value, name in train_types.STATES.items()}
+        if state is not None and state not in states:
+            raise ValueError(f"state must be one of {', '.join(states)}, got {state!r}")
+        out, token = [], ""
+        while True:
+            request = training_pb2.ListTrainingJobsRequest(page_size=page_size, page_token=token,
+                                                           state=states.get(state, 0))
+            resp = self.training.ListTrainingJobs(request, timeout=self.timeout)
+            out.extend(train_types.job_of(j) for j in resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def cancel_training_job(self, job_id: str, timeout: float | None = None) -> TrainingJob:
+        """Cancel and wait until the job has stopped; returns it as it ended."""
+        request = training_pb2.CancelTrainingJobRequest(job_id=job_id)
+        return train_types.job_of(self.training.CancelTrainingJob(request, timeout=timeout or self.timeout).job)

@@ -1,0 +1,303 @@
+"""Training jobs: validated on submission, queued, trained on their own threads on the server's
+one base model, recorded on disk, their events fanned out to watchers.
+
+A running job calls trainer.loop.train_adapter with the server's base model, LoRA context and
+wrapped layers (no second copy of the base weights) and the server's DeviceTurns: the engine and
+every job take turns in arrival order, so while a job trains each decode step waits for at most
+one training micro-batch per running job (a job's batch_size and max_length set its size). While
+requests are in flight, jobs also keep to their share of device time (server.training.pacing).
+
+A finished adapter is written into a hidden directory under the adapter root (".train-<job>",
+never listed by the registry) and renamed into place by AdapterRegistry.install_dir, which drops
+stale cached copies: the next Predict naming it loads the new files. A cancelled or failed job
+removes its directory, so no half-written adapter is ever visible.
+
+Records persist as JSON (server.training.store). On start, a job found queued or running belongs
+to a server that died or was stopped: it is marked failed and its directory removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from server.config import TrainingConfig
+from server.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, LoraserveError, NotFound
+from server.errors import ResourceExhausted, Unavailable
+from server.training.fanout import EventLog
+from server.training.pacing import SharedTurns
+from server.training.records import (CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, JobCancelled,
+                                     JobCompleted, JobEvent, JobFailed, JobRecord, Outcome, Queued, new_job_id)
+from server.training.request import TrainRequest, ValidJob, validate
+from server.training.store import JobStore
+from trainer.events import Completed, Progress
+from trainer.loop import TrainingFailed, train_adapter
+from trainer.output import write_adapter_files
+
+log = logging.getLogger(__name__)
+
+JOBS_DIR = ".jobs"
+TMP_PREFIX = ".train-"
+JOB_ID_RE = re.compile(r"^job-[0-9]{8}-[0-9]{9}-[0-9a-f]{6}$")
+RESTARTED = "interrupted by a server restart before it finished; submit it again"
+_STATE_OF = {JobCompleted: SUCCEEDED, JobFailed: FAILED, JobCancelled: CANCELLED}
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID_RE.match(job_id or ""):
+        raise InvalidArgument(f"job id {job_id!r} is malformed: job ids look like job-20250101-120000123-0a1b2c")
+    return job_id
+
+
+class Job:
+    """A job's live state. `record` is guarded by the manager's lock; read it through snapshots."""
+
+    def __init__(self, record: JobRecord, events: EventLog, valid: ValidJob | None = None):
+        self.record = record
+        self.events = events
+        self.valid = valid
+        """What to train on; dropped when the job ends, so a finished job holds no data set."""
+        self.cancel = threading.Event()
+        self.stop_as: Outcome | None = None
+        """How the job ends when `cancel` stops it: cancelled by a user, or failed by a shutdown."""
+        self.thread: threading.Thread | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+
+class TrainingJobs:
+    def __init__(self, base, ctx, wrapped, registry, turns, metrics, config: TrainingConfig,
+                 serving: Callable[[], bool] = lambda: False):
+        """`serving` says whether the engine has requests in flight (then jobs keep to their share)."""
+        self.base, self.ctx, self.wrapped = base, ctx, wrapped
+        self.registry, self.turns, self.metrics, self.config = registry, turns, metrics, config
+        self.serving = serving
+        self.store = JobStore(config.jobs_dir or Path(registry.root) / JOBS_DIR)
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: dict[str, Job] = {}
+        self._closed = False
+        self._recover()
+
+    # --- what the service calls ----------------------------------------------------------------
+
+    def submit(self, request: TrainRequest) -> Job:
+        """Validate (tokenizing the data: call from a worker thread) and queue; raises before any job exists."""
+        with self._lock:
+            self._check_room(request.adapter_id)  # refuse early what would be refused after the work below
+        valid = validate(request, self.base, self.wrapped, self.registry, self.config)
+        with self._lock:
+            self._check_room(request.adapter_id)  # again: another request may have taken the room meanwhile
+            record = JobRecord(job_id=new_job_id(), adapter_id=request.adapter_id, state=QUEUED, created_at=time.time(),
+                               settings=valid.settings.to_dict(), overwrite=request.overwrite,
+                               dataset_path=request.dataset_path, examples=valid.data.stats.examples,
+                               data_sha256=valid.data.data_hash)
+            self.store.save(record)  # a job is accepted only once it is on disk
+            job = Job(record, EventLog(), valid)
+            self._jobs[job.job_id] = job
+            self._queue.append(job)
+            # Every stream opens with the job's place in the queue (and so its id), even if it starts now.
+            record.queue_position = len(self._queue)
+            job.events.publish(JobEvent(job.job_id, time.time(), Queued(record.queue_position)))
+            self._start_ready()
+            self._publish_positions()
+        log.info("training job %s accepted: adapter %s, %d examples", job.job_id, request.adapter_id, record.examples)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        with self._lock:
+            return self._get(job_id)
+
+    def snapshot(self, job: Job) -> JobRecord:
+        with self._lock:
+            return dataclasses.replace(job.record)
+
+    def list(self, state: str | None = None, after: str = "", limit: int = 1000) -> tuple[list[JobRecord], bool]:
+        """Records ordered by job id, those after `after`; and whether more follow."""
+        if state is not None and state not in STATES:
+            raise InvalidArgument(f"unknown job state {state!r}")
+        with self._lock:
+            ids = sorted(i for i, job in self._jobs.items()
+                         if i > after and (state is None or job.record.state == state))
+            return [dataclasses.replace(self._jobs[i].record) for i in ids[:limit]], len(ids) > limit
+
+    def cancel(self, job_id: str, reason: str = "cancelled by CancelTrainingJob") -> Job:
+        """Cancel now if queued; a running job stops at its next micro-batch (wait on job.events)."""
+        with self._lock:
+            job = self._get(job_id)
+            state = job.record.state
+            if state in (SUCCEEDED, FAILED):
+                raise FailedPrecondition(f"job {job_id} already {state}: there is nothing to cancel")
+            if state == QUEUED:
+                self._queue.remove(job)
+                self._finish_locked(job, JobCancelled(reason))
+                self._publish_positions()
+            elif state == RUNNING and job.stop_as is None:
+                job.stop_as = JobCancelled(reason)
+                job.cancel.set()
+        return job
+
+    def shutdown(self, reason: str, timeout: float = 30.0) -> None:
+        """Refuse new jobs, fail the queued ones, stop the running ones and wait for their threads.
+
+        A job cannot resume (there are no checkpoints), so it is ended now rather than left to die
+        with the process: its watchers learn why, and the record says so after the restart."""
+        with self._lock:
+            self._closed = True
+            while self._queue:
+                self._finish_locked(self._queue.popleft(), JobFailed(reason))
+            running = list(self._running.values())
+            for job in running:
+                if job.stop_as is None:
+                    job.stop_as = JobFailed(reason)
+                job.cancel.set()
+        deadline = time.monotonic() + timeout
+        for job in running:
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+            if job.thread.is_alive():
+                log.warning("training job %s did not stop within %.0f s; the next start marks it failed",
+                            job.job_id, timeout)
+
+    # --- the job threads ----------------------------------------------------------------------------
+
+    def _run(self, job: Job) -> None:
+        tmp = Path(self.registry.root) / f"{TMP_PREFIX}{job.job_id}"
+        try:
+            outcome = self._train(job, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing is left there after a successful install
+            job.valid = None
+            if self.base.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the job's activations and optimizer state back to serving
+        with self._lock:
+            self._running.pop(job.job_id, None)
+            self._finish_locked(job, outcome)
+            if not self._closed:
+                self._start_ready()
+                self._publish_positions()
+
+    def _train(self, job: Job, tmp: Path) -> Outcome:
+        valid, adapter_id = job.valid, job.record.adapter_id
+        try:
+            turns = SharedTurns(self.turns, self.serving, self.config.training_share / self.config.max_concurrent_jobs,
+                                job.cancel)
+            result = train_adapter(self.base, self.ctx, self.wrapped, valid.settings, valid.data, turns=turns,
+                                   cancel=job.cancel, on_event=lambda event: self._on_train_event(job, event))
+            tmp.mkdir()
+            write_adapter_files(tmp, result, valid.settings, self.base, adapter_id=adapter_id, task_id=job.job_id)
+            if job.cancel.is_set():  # the last moment a cancel wins: once installed, the adapter is served
+                raise Cancelled("cancelled before the adapter was registered")
+            self.registry.install_dir(adapter_id, tmp, valid.request.overwrite)
+        except Cancelled as e:
+            return job.stop_as or JobCancelled(str(e))
+        except TrainingFailed as e:
+            return JobFailed(str(e))
+        except (torch.OutOfMemoryError, MemoryError):
+            return JobFailed("out of memory: lower batch_size or max_length, or set gradient_checkpointing")
+        except LoraserveError as e:  # e.g. the adapter id was taken by an upload while the job trained
+            return JobFailed(str(e))
+        except Exception as e:  # noqa: BLE001 - a job's bug fails that job, never the server
+            log.exception("training job %s failed", job.job_id)
+            return JobFailed(f"internal error ({type(e).__name__}: {e}); this is a bug, please report it")
+        if self.metrics is not None:
+            self.metrics.training_tokens.inc(result.metrics.tokens)
+        log.info("training job %s completed: adapter %s registered", job.job_id, adapter_id)
+        return JobCompleted(adapter_id, result.metrics)
+
+    def _on_train_event(self, job: Job, event) -> None:
+        if isinstance(event, Completed):
+            return  # the job's own completion follows once the adapter is registered
+        if isinstance(event, Progress):
+            with self._lock:
+                job.record.progress = event
+        job.events.publish(JobEvent(job.job_id, time.time(), event))
+
+    # --- bookkeeping (the lock held) ----------------------------------------------------------------
+
+    def _get(self, job_id: str) -> Job:
+        job = self._jobs.get(check_job_id(job_id))
+        if job is None:
+            raise NotFound(f"training job {job_id} not found")
+        return job
+
+    def _check_room(self, adapter_id: str) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down; submit the job to another replica")
+        for job in (*self._queue, *self._running.values()):
+            if job.record.adapter_id == adapter_id:
+                raise AlreadyExists(f"job {job.job_id} is already training adapter {adapter_id!r}; "
+                                    "cancel it or wait for it to end")
+        if len(self._queue) >= self.config.max_queued_jobs:
+            raise ResourceExhausted(f"the training queue is full ({self.config.max_queued_jobs} jobs waiting); "
+                                    "retry later")
+
+    def _start_ready(self) -> None:
+        while self._queue and len(self._running) < self.config.max_concurrent_jobs:
+            job = self._queue.popleft()
+            job.record.state, job.record.started_at, job.record.queue_position = RUNNING, time.time(), 0
+            self._save(job.record)
+            self._running[job.job_id] = job
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"train-{job.job_id}", daemon=True)
+            job.thread.start()
+        self._report()
+
+    def _publish_positions(self) -> None:
+        for position, job in enumerate(self._queue, start=1):
+            if job.record.queue_position != position:
+                job.record.queue_position = position
+                job.events.publish(JobEvent(job.job_id, time.time(), Queued(position)))
+
+    def _finish_locked(self, job: Job, outcome: Outcome) -> None:
+        record = job.record
+        record.state, record.finished_at, record.queue_position = _STATE_OF[type(outcome)], time.time(), 0
+        if isinstance(outcome, JobCompleted):
+            record.metrics = outcome.metrics
+        else:
+            record.error = outcome.reason
+        job.valid = None
+        self._save(record)
+        self._report()
+        job.events.publish(JobEvent(job.job_id, record.finished_at, outcome))
+        log.info("training job %s %s%s", job.job_id, record.state, f": {record.error}" if record.error else "")
+
+    def _save(self, record: JobRecord) -> None:
+        try:
+            self.store.save(record)
+        except OSError as e:  # the job itself is fine; only its record may be stale after a restart
+            log.error("cannot save training job record %s: %s", record.job_id, e)
+
+    def _report(self) -> None:
+        if self.metrics is None:
+            return
+        counts = collections.Counter(job.record.state for job in self._jobs.values())
+        for state in STATES:
+            self.metrics.training_jobs.labels(state).set(counts[state])
+
+    def _recover(self) -> None:
+        """Load the records of earlier runs; those that were queued or running failed with that run."""
+        for record in self.store.load_all():
+            if record.state not in FINISHED:
+                record.state, record.error, record.finished_at = FAILED, RESTARTED, time.time()
+                record.queue_position = 0
+                self._save(record)
+            shutil.rmtree(Path(self.registry.root) / f"{TMP_PREFIX}{record.job_id}", ignore_errors=True)
+            history = []
+            if record.progress is not None:
+                history.append(JobEvent(record.job_id, record.started_at or record.created_at, record.progress))
+            history.append(JobEvent(record.job_id, record.finished_at, record.outcome()))
+            self._jobs[record.job_id] = Job(record, EventLog(history))
+        self.store.remove_temporaries()
+        with self._lock:
+            self._report()

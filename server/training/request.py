@@ -1,0 +1,96 @@
+"""A Train request as plain data, and its validation: everything that can be refused is refused
+here, before a job exists or the device is touched.
+
+Order: the cheap checks first (adapter id, settings against this server's limits), then the data
+(read, parsed and tokenized once; the job trains on exactly what was checked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import TrainingConfig
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.lora.registry import check_id
+from trainer.data import PreparedData, parse_records, prepare, read_jsonl
+from trainer.loop import select_modules
+from trainer.settings import TrainSettings
+
+TRUNCATED_NAMED = 5  # examples named in the refusal; the rest are counted
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    adapter_id: str
+    settings: dict
+    """Only the settings the caller set; TrainSettings fills in the rest."""
+    examples: list[dict] | None = None
+    """Inline examples as JSON-like objects ({"prompt", "completion"} or {"messages"})."""
+    dataset_path: str | None = None
+    """A JSONL file under the data root."""
+    overwrite: bool = False
+    truncate: bool = False
+    """Cut examples longer than max_length instead of refusing them."""
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    request: TrainRequest
+    settings: TrainSettings
+    data: PreparedData
+
+
+def validate(request: TrainRequest, base, wrapped, registry, config: TrainingConfig) -> ValidJob:
+    """Raises InvalidArgument / NotFound / AlreadyExists with what to change."""
+    adapter_id = check_id(request.adapter_id)
+    registry.path_of(adapter_id)  # containment under the adapter root
+    if registry.exists(adapter_id) and not request.overwrite:
+        raise AlreadyExists(f"adapter {adapter_id!r} already exists: choose another id or set overwrite")
+    settings = TrainSettings.from_dict(request.settings)
+    if settings.rank > registry.max_rank:
+        raise InvalidArgument(f"rank must be in [1, {registry.max_rank}] (the server's --max-lora-rank), "
+                              f"got {settings.rank}")
+    if settings.max_length > base.context_window:
+        raise InvalidArgument(f"max_length must be in [8, {base.context_window}] (the model's context window), "
+                              f"got {settings.max_length}")
+    select_modules(wrapped, settings.target_modules)  # every target must name a layer of this model
+    examples = _examples(request, config)
+    data = prepare(examples, base.tokenizer, settings, base.eos_token_ids)
+    if data.stats.truncated and not request.truncate:
+        long = [t.source for t in data.train + data.eval if t.truncated]
+        named = ", ".join(sorted(long, key=_source_order)[:TRUNCATED_NAMED])
+        more = f" and {len(long) - TRUNCATED_NAMED} more" if len(long) > TRUNCATED_NAMED else ""
+        raise InvalidArgument(f"{named}{more}: longer than max_length={settings.max_length} tokens; shorten them, "
+                              f"raise max_length (up to {base.context_window}), or set truncate to cut them")
+    return ValidJob(request, settings, data)
+
+
+def _examples(request: TrainRequest, config: TrainingConfig):
+    if request.examples and request.dataset_path:
+        raise InvalidArgument("give either examples or dataset_path, not both")
+    if request.dataset_path:
+        path = resolve_dataset(request.dataset_path, config.data_root)
+        if not path.is_file():
+            # Said here with the caller's own path: the server's directory layout stays private.
+            raise NotFound(f"dataset_path {request.dataset_path!r} names no file under the server's data root")
+        return read_jsonl(path, config.max_examples)
+    if not request.examples:
+        raise InvalidArgument("the data set is empty: give examples, or a dataset_path under the server's data root")
+    return parse_records(request.examples, config.max_examples)
+
+
+def resolve_dataset(path: str, data_root: str) -> Path:
+    """The file under the data root; a path escaping it (.., absolute, symlink) is refused."""
+    root = Path(data_root).expanduser().resolve()
+    if "\x00" in path:
+        raise InvalidArgument("dataset_path must not contain NUL characters")
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise InvalidArgument(f"dataset_path {path!r} lies outside the server's data root; give a path relative to it")
+    return resolved
+
+
+def _source_order(source: str) -> int:
+    # "example 12" / "line 12": order by number, as the user counts them.
+    return int(source.rpartition(" ")[2])
