@@ -426,7 +426,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
         "machine": {**machine_info(device), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "settings": {**{k: v for k, v in vars(args).items()}, "model": str(model_dir), "kept_round": "best"},
+        "settings": {**vars(args), "model": str(model_dir), "kept_round": "best"},
         "prompts": prompts,
         "loraserve": {str(k): v for k, v in server.items()},
         "peft": {str(k): v for k, v in anchor.items()},
