@@ -240,8 +240,7 @@ def load_with_job(client, args, examples, settings: dict, adapter_id: str) -> di
 
     follower = threading.Thread(target=follow, daemon=True)
     follower.start()
-    started.wait()
-    t0 = time.perf_counter()
+    started.wait()  # at the job's first step, so that its start-up is not in the numbers
     out = steady_load(client, args, args.seconds)
     t1 = time.perf_counter()
     state = client.get_training_job(job[0]).state
@@ -249,7 +248,8 @@ def load_with_job(client, args, examples, settings: dict, adapter_id: str) -> di
     follower.join()
     if state != "running":
         raise RuntimeError(f"the job under load was {state}, not running, at the end of the phase")
-    steps = [(t, s) for t, s in progress if t0 <= t <= t1]
+    # From the step that ended just before the load began (it released the wait) to the last one within it.
+    steps = [(t, s) for t, s in progress if t <= t1]
     per_step = (steps[-1][0] - steps[0][0]) / (steps[-1][1] - steps[0][1]) if len(steps) >= 2 else None
     micro = settings.get("gradient_accumulation_steps", 1)
     return out | {"job_steps": steps[-1][1] - steps[0][1] if steps else 0, "seconds_per_step": per_step,
