@@ -6,7 +6,7 @@
 What it does, in one run:
 1. writes K random LoRA adapters (PEFT format, all 7 projections) for the base into a temp adapter root;
 2. builds N prompts of exactly --prompt-tokens tokens;
-3. starts `python -m server.cli serve` on free ports and warms it up with the very workload (so every adapter
+3. starts `python -m loraserve.server.cli serve` on free ports and warms it up with the very workload (so every adapter
    holds a device slot: the numbers are steady-state throughput, not cold adapter loads);
 4. loads the anchor beside it: transformers `generate` + PEFT `adapter_names` (one left-padded batch,
    greedy, min_new_tokens = max_new_tokens), same adapters, prompts and quantization;
@@ -134,7 +134,7 @@ class ServerProcess:
     """`loraserve serve` as a subprocess; always killed on exit, exceptions included."""
 
     def __init__(self, args, adapter_root: Path, slots: int, log_path: Path):
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+        self.cmd = [sys.executable, "-m", "loraserve.server.cli", "serve", "--host", "127.0.0.1",
                     "--port", str(args.port), "--metrics-port", "0", "--adapter-root", str(adapter_root),
                     "--quantization", args.quantization, "--max-gpu-adapters", str(slots),
                     "--max-cpu-adapters", str(max(slots, 64)), "--max-lora-rank", str(args.rank),
@@ -394,11 +394,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # SIGTERM (a timeout, a job runner) unwinds like Ctrl-C, so the server is stopped and temp files removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from loraserve.client import Client
+    from loraserve.core.model.load import ensure_embedded_model
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from loraserve.client import Client
-    from server.model.load import ensure_embedded_model
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(max(1, os.cpu_count() or 1))

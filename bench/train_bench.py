@@ -6,7 +6,7 @@ running job costs the inference latency of a steady load.
 
 What it does, in one run:
 1. builds a deterministic data set (reverse the order of some words) and tokenizes it the trainer's way;
-2. starts `python -m server.cli serve` and runs a Train job of --steps optimizer steps on it alone:
+2. starts `python -m loraserve.server.cli serve` and runs a Train job of --steps optimizer steps on it alone:
    its tokens/s is the job's own (non-padding tokens trained on / wall time of the run); then, with the
    server idle, trains the same base (loaded by the same loader, same quantization) with transformers
    Trainer + PEFT LoRA on the same tokenized examples, batch size and settings, counting the non-padding
@@ -128,7 +128,7 @@ class ServerProcess:
     """`loraserve serve` as a subprocess (its own GIL, as in production); always stopped on exit."""
 
     def __init__(self, args, adapter_root: Path, log_path: Path):
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        self.cmd = [sys.executable, "-m", "loraserve.server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                     "--metrics-port", "-1", "--adapter-root", str(adapter_root), "--quantization", args.quantization,
                     "--max-lora-rank", str(args.rank), "--max-batch-size", str(max(8, args.clients)),
                     "--grace-seconds", "2"]
@@ -288,13 +288,12 @@ def bench_server(args, examples, adapter_root: Path, hf_dir: Path, log_path: Pat
 # --- the anchor: transformers Trainer + PEFT ----------------------------------------------------
 
 def bench_hf_trainer(args, examples, out_dir: Path) -> dict:
+    from loraserve.core.lora.layer import DEFAULT_TARGETS
+    from loraserve.trainer.data import collate, parse_records, prepare
+    from loraserve.trainer.settings import TrainSettings
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
-
-    from server.lora.layer import DEFAULT_TARGETS
-    from trainer.data import collate, parse_records, prepare
-    from trainer.settings import TrainSettings
 
     hf_logging.set_verbosity_error()
     base = load_base(args)
@@ -332,8 +331,8 @@ def bench_hf_trainer(args, examples, out_dir: Path) -> dict:
 
 
 def load_base(args):
-    from server.config import ModelConfig
-    from server.model.load import load_base as load
+    from loraserve.core.model.config import ModelConfig
+    from loraserve.core.model.load import load_base as load
 
     return load(ModelConfig(path=args.model, quantization=args.quantization, device=args.device))
 
@@ -379,7 +378,7 @@ def ratios(server: dict, hf: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the server is stopped, temp files go
-    from server.model.load import EMBEDDED_NAME
+    from loraserve.core.model.load import EMBEDDED_NAME
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -17,21 +17,26 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from loraserve.v1 import (adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2,
-                          training_pb2_grpc)
-from server.config import ServerConfig
-from server.engine.engine import Engine
-from server.lora.layer import wrap_model
-from server.lora.registry import AdapterRegistry
-from server.metrics import Metrics
-from server.model.load import BaseModel, load_base
-from server.model.turns import DeviceTurns
-from server.service.adapters import AdapterService
-from server.service.inference import InferenceService
-from server.service.interceptors import ErrorsAndMetrics
-from server.service.training import TrainingService
-from server.training.jobs import TrainingJobs
+from loraserve.core.lora.layer import wrap_model
+from loraserve.core.model.load import BaseModel, load_base
+from loraserve.core.model.turns import DeviceTurns
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.engine import Engine
+from loraserve.server.lora.registry import AdapterRegistry
+from loraserve.server.metrics import Metrics
+from loraserve.server.service.adapters import AdapterService
+from loraserve.server.service.inference import InferenceService
+from loraserve.server.service.interceptors import ErrorsAndMetrics
+from loraserve.server.service.training import TrainingService
+from loraserve.server.training.jobs import TrainingJobs
+from loraserve.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 

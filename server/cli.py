@@ -11,7 +11,13 @@ import logging
 import os
 import sys
 
-from server.config import EngineConfig, LoraCacheConfig, ModelConfig, ServerConfig, TrainingConfig
+from loraserve.server.config import (
+    EngineConfig,
+    LoraCacheConfig,
+    ModelConfig,
+    ServerConfig,
+    TrainingConfig,
+)
 
 ENV_PREFIX = "LORASERVE_"
 
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
-    from trainer.cli import add_train_arguments, run_train
-    from trainer.finetune import add_finetune_arguments, run_finetune
+    from loraserve.trainer.cli import add_train_arguments, run_train
+    from loraserve.trainer.finetune import add_finetune_arguments, run_finetune
 
     add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
     add_finetune_arguments(sub.add_parser("finetune", help="train an adapter on a running server (Train RPC)"))
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as e:
         parser.error(str(e))
-    from server.app import serve_forever
+    from loraserve.server.app import serve_forever
 
     asyncio.run(serve_forever(config))
     return 0

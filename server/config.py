@@ -1,32 +1,15 @@
 """Typed configuration, one dataclass per concern.
 
 The environment is read in exactly one place, server/cli.py at start-up (LORASERVE_* variables);
-nothing here reads os.environ except default_cache_dir(), called when the model loads.
+nothing here reads os.environ. The base model's settings (ModelConfig) live in loraserve.core, which
+the offline trainer shares.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-QUANTIZATIONS = ("nf4", "bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str | None = None
-    """Local Hugging Face causal-LM directory; None serves the embedded SmolLM2-135M-Instruct."""
-    quantization: str = "nf4"
-    """nf4 (bitsandbytes 4-bit, the default), bf16 or fp32."""
-    device: str | None = None
-    """torch device; None picks cuda when available, else cpu."""
-    cache_dir: str | None = None
-    """Where the embedded model is converted to safetensors once; None: ~/.cache/loraserve."""
-
-    def __post_init__(self):
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+from loraserve.core.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -114,8 +97,3 @@ class ServerConfig:
     lora: LoraCacheConfig = field(default_factory=LoraCacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loraserve"
-

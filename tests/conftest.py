@@ -14,9 +14,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def make_tiny_model_dir(path: Path, seed: int = 0, layers: int = 2) -> Path:
     """A random LlamaForCausalLM small enough for CPU tests, with SmolLM2's real tokenizer."""
+    from loraserve.core.model.load import ensure_embedded_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from server.model.load import ensure_embedded_model
 
     embedded = ensure_embedded_model()
     tokenizer = AutoTokenizer.from_pretrained(embedded)
@@ -47,7 +46,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    from server.model.load import ensure_embedded_model
+    from loraserve.core.model.load import ensure_embedded_model
 
     return ensure_embedded_model()
 

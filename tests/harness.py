@@ -9,10 +9,14 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-
 from loraserve.client import Client
-from server.app import LoraServer
-from server.config import EngineConfig, LoraCacheConfig, ModelConfig, ServerConfig
+from loraserve.server.app import LoraServer
+from loraserve.server.config import (
+    EngineConfig,
+    LoraCacheConfig,
+    ModelConfig,
+    ServerConfig,
+)
 
 
 class RunningServer:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
 from conftest import make_peft_adapter
 from harness import RunningServer
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 QUESTION = [{"role": "user", "content": "What is 2+2? Answer with the number."}]
 

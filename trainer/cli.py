@@ -12,17 +12,16 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-
-from server.config import QUANTIZATIONS, ModelConfig
-from server.errors import LoraserveError
-from server.lora.layer import wrap_model
-from server.lora.registry import check_id
-from server.model.load import load_base
-from trainer.data import prepare, read_jsonl
-from trainer.loop import TrainingFailed, train_adapter
-from trainer.output import write_trained_adapter
-from trainer.progress import ProgressBar
-from trainer.settings import SCHEDULERS, TEMPLATES, TrainSettings
+from loraserve.core.errors import LoraserveError
+from loraserve.core.lora.ids import check_id
+from loraserve.core.lora.layer import wrap_model
+from loraserve.core.model.config import QUANTIZATIONS, ModelConfig
+from loraserve.core.model.load import load_base
+from loraserve.trainer.data import prepare, read_jsonl
+from loraserve.trainer.loop import TrainingFailed, train_adapter
+from loraserve.trainer.output import write_trained_adapter
+from loraserve.trainer.progress import ProgressBar
+from loraserve.trainer.settings import SCHEDULERS, TEMPLATES, TrainSettings
 
 # One line of help per setting; the full meaning is in TrainSettings' field docstrings.
 SETTING_HELP = {

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from server.engine.prompt import ROLES
-from server.errors import InvalidArgument, NotFound
-from trainer.render import IGNORE, Example, Tokenized, tokenize_example, use_chat
-from trainer.settings import TrainSettings
+from loraserve.core.errors import InvalidArgument, NotFound
+from loraserve.core.prompt import ROLES
+from loraserve.trainer.render import (
+    IGNORE,
+    Example,
+    Tokenized,
+    tokenize_example,
+    use_chat,
+)
+from loraserve.trainer.settings import TrainSettings
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}

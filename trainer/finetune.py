@@ -18,15 +18,14 @@ from dataclasses import fields
 from typing import Iterator, TextIO
 
 import grpc
-
 from loraserve import training as api
 from loraserve.client import Client
-from server.errors import LoraserveError
-from trainer import events
-from trainer.cli import CHOICES, SETTING_HELP
-from trainer.data import read_jsonl
-from trainer.progress import ProgressBar
-from trainer.settings import TrainSettings
+from loraserve.core.errors import LoraserveError
+from loraserve.trainer import events
+from loraserve.trainer.cli import CHOICES, SETTING_HELP
+from loraserve.trainer.data import read_jsonl
+from loraserve.trainer.progress import ProgressBar
+from loraserve.trainer.settings import TrainSettings
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:

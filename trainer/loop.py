@@ -18,16 +18,21 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from loraserve.core.errors import Cancelled, InvalidArgument, LoraserveError
+from loraserve.core.lora.layer import LoraContext, LoraLinear, TrainableLora
+from loraserve.core.lora.weights import matches_target
+from loraserve.core.model.load import BaseModel
+from loraserve.trainer.data import DataStats, PreparedData, collate
+from loraserve.trainer.events import (
+    Completed,
+    Evaluation,
+    Progress,
+    Started,
+    TrainMetrics,
+)
+from loraserve.trainer.render import IGNORE
+from loraserve.trainer.settings import TrainSettings
 from torch import nn
-
-from server.errors import Cancelled, InvalidArgument, LoraserveError
-from server.lora.layer import LoraContext, LoraLinear, TrainableLora
-from server.lora.weights import matches_target
-from server.model.load import BaseModel
-from trainer.data import DataStats, PreparedData, collate
-from trainer.events import Completed, Evaluation, Progress, Started, TrainMetrics
-from trainer.render import IGNORE
-from trainer.settings import TrainSettings
 
 
 class TrainingFailed(LoraserveError):

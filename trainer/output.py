@@ -19,11 +19,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from server.errors import AlreadyExists, FailedPrecondition
-from server.lora.weights import AdapterSpec, write_adapter
-from server.model.load import BaseModel
-from trainer.loop import TrainResult
-from trainer.settings import TrainSettings
+from loraserve.core.errors import AlreadyExists, FailedPrecondition
+from loraserve.core.lora.weights import AdapterSpec, write_adapter
+from loraserve.core.model.load import BaseModel
+from loraserve.trainer.loop import TrainResult
+from loraserve.trainer.settings import TrainSettings
 
 METADATA_FILE = "loraserve_metadata.json"
 METADATA_FORMAT = 1

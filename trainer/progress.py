@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from trainer.events import Completed, Evaluation, Progress, Started
+from loraserve.trainer.events import Completed, Evaluation, Progress, Started
 
 BAR_WIDTH = 24
 

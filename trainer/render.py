@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
-
-from server.errors import InvalidArgument
+from loraserve.core.errors import InvalidArgument
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 

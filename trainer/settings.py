@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from server.errors import InvalidArgument
-from server.lora.layer import DEFAULT_TARGETS
+from loraserve.core.errors import InvalidArgument
+from loraserve.core.lora.layer import DEFAULT_TARGETS
 
 # LoraCacheConfig accepts --max-lora-rank up to this; a serving server may allow less.
 MAX_RANK = 1024

@@ -6,12 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-from server.engine import kv_cache
-from server.engine.detokenize import TextStream
-from server.engine.sampling import RowSampler, sample
-from server.engine.types import GenerationRequest
-from server.lora.layer import LoraBatch, LoraContext
+from loraserve.core.lora.layer import LoraBatch, LoraContext
+from loraserve.server.engine import kv_cache
+from loraserve.server.engine.detokenize import TextStream
+from loraserve.server.engine.sampling import RowSampler, sample
+from loraserve.server.engine.types import GenerationRequest
 
 
 @dataclass

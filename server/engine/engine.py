@@ -14,15 +14,25 @@ import time
 from collections import deque
 
 import torch
-
-from server.config import EngineConfig
-from server.engine.batch import Row, RunningBatch
-from server.engine.detokenize import TextStream
-from server.engine.sampling import RowSampler
-from server.engine.types import Failed, Finished, GenerationRequest, TextDelta, Timings
-from server.errors import InvalidArgument, LoraserveError, ResourceExhausted, Unavailable
-from server.lora.registry import DISK, AdapterRegistry
-from server.model.turns import DeviceTurns
+from loraserve.core.errors import (
+    InvalidArgument,
+    LoraserveError,
+    ResourceExhausted,
+    Unavailable,
+)
+from loraserve.core.model.turns import DeviceTurns
+from loraserve.server.config import EngineConfig
+from loraserve.server.engine.batch import Row, RunningBatch
+from loraserve.server.engine.detokenize import TextStream
+from loraserve.server.engine.sampling import RowSampler
+from loraserve.server.engine.types import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    TextDelta,
+    Timings,
+)
+from loraserve.server.lora.registry import DISK, AdapterRegistry
 
 log = logging.getLogger(__name__)
 

@@ -21,25 +21,28 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from server.lora.layer import LoraLinear
-from server.lora.weights import CONFIG_FILE, WEIGHTS_FILE, AdapterSpec, AdapterWeights, load_weights, read_spec
+from loraserve.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from loraserve.core.lora.ids import ADAPTER_ID_RE, check_id
+from loraserve.core.lora.layer import LoraLinear
+from loraserve.core.lora.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterSpec,
+    AdapterWeights,
+    load_weights,
+    read_spec,
+)
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", "loraserve_metadata.json"}
 
 DISK, CPU, GPU = "disk", "cpu", "gpu"
-
-
-def check_id(adapter_id: str) -> str:
-    if not ADAPTER_ID_RE.match(adapter_id or "") or adapter_id in (".", ".."):
-        raise InvalidArgument(
-            f"adapter id {adapter_id!r} is malformed: it must match {ADAPTER_ID_RE.pattern} (no slashes or '..')"
-        )
-    return adapter_id
 
 
 @dataclass
@@ -94,7 +97,7 @@ class AdapterRegistry:
     def ids(self) -> list[str]:
         out = []
         for entry in sorted(self.root.iterdir()):
-            if ADAPTER_ID_RE.match(entry.name) and (entry / CONFIG_FILE).is_file():
+            if ADAPTER_ID_RE.fullmatch(entry.name) and (entry / CONFIG_FILE).is_file():
                 try:
                     self.path_of(entry.name)
                 except InvalidArgument:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from loraserve.core.errors import InvalidArgument
+from loraserve.core.lora.ids import ADAPTER_ID_RE, check_id
+from loraserve.server.service.convert import adapter_pb
 from loraserve.v1 import adapter_pb2, adapter_pb2_grpc
-from server.errors import InvalidArgument
-from server.lora.registry import ADAPTER_ID_RE, check_id
-from server.service.convert import adapter_pb
 
 DEFAULT_PAGE = 1000
 
@@ -18,7 +18,7 @@ class AdapterService(adapter_pb2_grpc.AdapterServiceServicer):
         self.max_upload_bytes = max_upload_bytes
 
     async def ListAdapters(self, request, context):
-        if request.page_token and not ADAPTER_ID_RE.match(request.page_token):
+        if request.page_token and not ADAPTER_ID_RE.fullmatch(request.page_token):
             raise InvalidArgument(f"page_token {request.page_token!r} is malformed")
         size = request.page_size or DEFAULT_PAGE
         ids = [i for i in await asyncio.to_thread(self.registry.ids) if i > request.page_token]

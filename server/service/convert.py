@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+from loraserve.core.errors import InvalidArgument
+from loraserve.core.lora.ids import check_id
+from loraserve.server.config import EngineConfig
+from loraserve.server.engine.types import Finished, SamplingParams
+from loraserve.server.lora.registry import CPU, DISK, GPU, AdapterInfo
 from loraserve.v1 import adapter_pb2, inference_pb2
-from server.config import EngineConfig
-from server.engine.types import Finished, SamplingParams
-from server.errors import InvalidArgument
-from server.lora.registry import CPU, DISK, GPU, AdapterInfo, check_id
 
 _FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
 _STATE = {DISK: adapter_pb2.ADAPTER_STATE_DISK, CPU: adapter_pb2.ADAPTER_STATE_CPU,

@@ -7,12 +7,11 @@ import time
 import uuid
 
 import grpc
-
+from loraserve.core.errors import Cancelled, DeadlineExceeded
+from loraserve.core.prompt import render
+from loraserve.server.engine.types import Failed, Finished, GenerationRequest, TextDelta
+from loraserve.server.service import convert
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
-from server.engine.prompt import render
-from server.engine.types import Failed, Finished, GenerationRequest, TextDelta
-from server.errors import Cancelled, DeadlineExceeded
-from server.service import convert
 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):

@@ -7,9 +7,8 @@ import logging
 import time
 
 import grpc
-
-from server import errors
-from trainer.loop import TrainingFailed
+from loraserve.core import errors
+from loraserve.trainer.loop import TrainingFailed
 
 log = logging.getLogger(__name__)
 

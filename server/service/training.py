@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+from loraserve.core.errors import InvalidArgument
+from loraserve.server.service import training_convert as convert
+from loraserve.server.training.jobs import JOB_ID_RE, TrainingJobs, check_job_id
 from loraserve.v1 import training_pb2, training_pb2_grpc
-from server.errors import InvalidArgument
-from server.service import training_convert as convert
-from server.training.jobs import JOB_ID_RE, TrainingJobs, check_job_id
 
 DEFAULT_PAGE = 1000
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-
+from loraserve.core.errors import InvalidArgument
+from loraserve.server.training.records import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobRecord,
+    Queued,
+)
+from loraserve.server.training.request import TrainRequest
+from loraserve.trainer.events import Evaluation, Progress, Started, TrainMetrics
 from loraserve.v1 import training_pb2 as pb
-from server.errors import InvalidArgument
-from server.training.records import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobCancelled, JobCompleted,
-                                     JobEvent, JobFailed, JobRecord, Queued)
-from server.training.request import TrainRequest
-from trainer.events import Evaluation, Progress, Started, TrainMetrics
 
 _SCHEDULERS = {pb.LR_SCHEDULER_LINEAR: "linear", pb.LR_SCHEDULER_COSINE: "cosine",
                pb.LR_SCHEDULER_CONSTANT: "constant"}

@@ -12,8 +12,8 @@ import asyncio
 import threading
 from typing import AsyncIterator
 
-from server.training.records import JobEvent, Queued
-from trainer.events import Progress
+from loraserve.server.training.records import JobEvent, Queued
+from loraserve.trainer.events import Progress
 
 
 class EventLog:

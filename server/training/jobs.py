@@ -29,19 +29,41 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-from server.config import TrainingConfig
-from server.errors import AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, LoraserveError, NotFound
-from server.errors import ResourceExhausted, Unavailable
-from server.training.fanout import EventLog
-from server.training.pacing import SharedTurns
-from server.training.records import (CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, STATES, SUCCEEDED, JobCancelled,
-                                     JobCompleted, JobEvent, JobFailed, JobRecord, Outcome, Queued, new_job_id)
-from server.training.request import TrainRequest, ValidJob, validate
-from server.training.store import JobStore
-from trainer.events import Completed, Progress
-from trainer.loop import TrainingFailed, train_adapter
-from trainer.output import write_adapter_files
+from loraserve.core.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    LoraserveError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from loraserve.server.config import TrainingConfig
+from loraserve.server.training.fanout import EventLog
+from loraserve.server.training.pacing import SharedTurns
+from loraserve.server.training.records import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobRecord,
+    Outcome,
+    Queued,
+    new_job_id,
+)
+from loraserve.server.training.request import TrainRequest, ValidJob, validate
+from loraserve.server.training.store import JobStore
+from loraserve.trainer.events import Completed, Progress
+from loraserve.trainer.loop import TrainingFailed, train_adapter
+from loraserve.trainer.output import write_adapter_files
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from trainer.events import Evaluation, Progress, Started, TrainMetrics
+from loraserve.trainer.events import Evaluation, Progress, Started, TrainMetrics
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)

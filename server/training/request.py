@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import TrainingConfig
-from server.errors import AlreadyExists, InvalidArgument, NotFound
-from server.lora.registry import check_id
-from trainer.data import PreparedData, parse_records, prepare, read_jsonl
-from trainer.loop import select_modules
-from trainer.settings import TrainSettings
+from loraserve.core.errors import AlreadyExists, InvalidArgument, NotFound
+from loraserve.core.lora.ids import check_id
+from loraserve.server.config import TrainingConfig
+from loraserve.trainer.data import PreparedData, parse_records, prepare, read_jsonl
+from loraserve.trainer.loop import select_modules
+from loraserve.trainer.settings import TrainSettings
 
 TRUNCATED_NAMED = 5  # examples named in the refusal; the rest are counted
 

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from server.training.records import JobRecord
+from loraserve.server.training.records import JobRecord
 
 log = logging.getLogger(__name__)
 

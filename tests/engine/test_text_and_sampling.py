@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from loraserve.server.engine.detokenize import TextStream
+from loraserve.server.engine.sampling import RowSampler, filter_logits, sample
 from transformers import AutoTokenizer
-
-from server.engine.detokenize import TextStream
-from server.engine.sampling import RowSampler, filter_logits, sample
 
 
 def stream_all(tok, text, stop=()):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loraserve.core.lora.layer import LoraBatch, reference_delta, wrap_model
+from loraserve.core.lora.weights import load_weights
+from loraserve.core.model.config import ModelConfig
+from loraserve.core.model.load import load_base
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-from server.config import ModelConfig
-from server.lora.layer import LoraBatch, reference_delta, wrap_model
-from server.lora.weights import load_weights
-from server.model.load import load_base
 
 
 def loaded(base, adapter_sources, slots=3, max_rank=16):

@@ -6,7 +6,6 @@ import shutil
 
 import grpc
 import pytest
-
 from harness import RunningServer, copy_adapters
 
 

@@ -8,7 +8,6 @@ import shutil
 
 import grpc
 import pytest
-
 from harness import RunningServer, copy_adapters
 from loraserve.v1 import adapter_pb2, inference_pb2
 

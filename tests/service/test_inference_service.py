@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from harness import RunningServer, copy_adapters
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = ["Hello there", "The quick brown fox jumps", "Numbers: one two", "Once upon a time"]
 

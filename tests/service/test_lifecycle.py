@@ -13,8 +13,9 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from harness import RunningServer, copy_adapters
 from loraserve.client import Client
 
@@ -79,7 +80,7 @@ def test_metrics_scrape_counters_move(srv):
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tiny_model_dir, tmp_path):
     env = {**os.environ, "LORASERVE_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--quantization", "fp32",
+        [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(tiny_model_dir), "--quantization", "fp32",
          "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--adapter-root", str(tmp_path),
          "--grace-seconds", "30", "--max-lora-rank", "8", "--max-gpu-adapters", "2"],
         stderr=subprocess.PIPE, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from server.config import ModelConfig
-from server.lora.layer import LoraContext, LoraLinear, wrap_model
-from server.model.load import BaseModel, load_base
+from loraserve.core.lora.layer import LoraContext, LoraLinear, wrap_model
+from loraserve.core.model.config import ModelConfig
+from loraserve.core.model.load import BaseModel, load_base
 
 
 @dataclass

@@ -7,11 +7,10 @@ import io
 import json
 
 import pytest
-
-from trainer.cli import add_train_arguments, run_train
-from trainer.events import Evaluation, Progress
-from trainer.output import METADATA_FILE
-from trainer.progress import ProgressBar, format_duration, progress_line
+from loraserve.trainer.cli import add_train_arguments, run_train
+from loraserve.trainer.events import Evaluation, Progress
+from loraserve.trainer.output import METADATA_FILE
+from loraserve.trainer.progress import ProgressBar, format_duration, progress_line
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -6,11 +6,17 @@ import copy
 import json
 
 import pytest
-
-from server.errors import InvalidArgument, NotFound
-from trainer.data import collate, data_hash, parse_records, prepare, read_jsonl, split_indices
-from trainer.render import IGNORE
-from trainer.settings import TrainSettings
+from loraserve.core.errors import InvalidArgument, NotFound
+from loraserve.trainer.data import (
+    collate,
+    data_hash,
+    parse_records,
+    prepare,
+    read_jsonl,
+    split_indices,
+)
+from loraserve.trainer.render import IGNORE
+from loraserve.trainer.settings import TrainSettings
 
 EOS = 2  # <|im_end|> in SmolLM2's tokenizer, the tiny model's EOS
 

@@ -9,14 +9,18 @@ import threading
 
 import pytest
 import torch
-
-from server.errors import Cancelled, InvalidArgument
-from server.lora.layer import TrainableLora
-from trainer.data import collate, parse_records, prepare
-from trainer.events import Completed, Evaluation, Progress, Started
-from trainer.loop import TrainingFailed, lr_factor, select_modules, train_adapter
-from trainer.render import IGNORE
-from trainer.settings import TrainSettings
+from loraserve.core.errors import Cancelled, InvalidArgument
+from loraserve.core.lora.layer import TrainableLora
+from loraserve.trainer.data import collate, parse_records, prepare
+from loraserve.trainer.events import Completed, Evaluation, Progress, Started
+from loraserve.trainer.loop import (
+    TrainingFailed,
+    lr_factor,
+    select_modules,
+    train_adapter,
+)
+from loraserve.trainer.render import IGNORE
+from loraserve.trainer.settings import TrainSettings
 
 FAST = dict(learning_rate=1e-2, dropout=0.0, batch_size=4, eval_fraction=0.25, warmup_ratio=0.0)
 

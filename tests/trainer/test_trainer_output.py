@@ -8,17 +8,21 @@ import os
 
 import pytest
 import torch
+from loraserve.core.errors import AlreadyExists
+from loraserve.core.lora.layer import LoraBatch, TrainableLora
+from loraserve.core.lora.weights import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_weights,
+    read_spec,
+)
+from loraserve.trainer import output
+from loraserve.trainer.data import parse_records, prepare
+from loraserve.trainer.loop import train_adapter
+from loraserve.trainer.output import METADATA_FILE, write_trained_adapter
+from loraserve.trainer.settings import TrainSettings
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-from server.errors import AlreadyExists
-from server.lora.layer import LoraBatch, TrainableLora
-from server.lora.weights import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_spec
-from trainer import output
-from trainer.data import parse_records, prepare
-from trainer.loop import train_adapter
-from trainer.output import METADATA_FILE, write_trained_adapter
-from trainer.settings import TrainSettings
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["alpha/r", "rslora"])

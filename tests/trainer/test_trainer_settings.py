@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from server.errors import InvalidArgument
-from trainer.settings import TrainSettings
+from loraserve.core.errors import InvalidArgument
+from loraserve.trainer.settings import TrainSettings
 
 
 def test_defaults_are_the_usual_lora_ones():

@@ -25,9 +25,8 @@ def make_learnable_model_dir(path: Path) -> Path:
     embeddings that row is also EOS's output vector, so EOS is never predicted; and with the final
     RMSNorm and an init std of 0.02, every logit stays within about +-1.3, so no answer token can
     win decisively. No padding id and a wider init fix both."""
+    from loraserve.core.model.load import ensure_embedded_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from server.model.load import ensure_embedded_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model())
     config = LlamaConfig(

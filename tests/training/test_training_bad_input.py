@@ -6,11 +6,10 @@ import threading
 
 import grpc
 import pytest
-
 from harness import RunningServer, copy_adapters
+from loraserve.server.config import TrainingConfig
 from loraserve.training import Completed, Started
 from loraserve.v1 import training_pb2
-from server.config import TrainingConfig
 
 GOOD = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(4)]
 LONG = "many words " * 40  # about 80 tokens

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from harness import RunningServer
-from server.cli import main
+from loraserve.server.cli import main
 
 EXAMPLES = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(8)]
 

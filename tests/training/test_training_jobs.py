@@ -6,10 +6,9 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from harness import RunningServer, copy_adapters
+from loraserve.server.config import TrainingConfig
 from loraserve.training import Cancelled, Completed, Failed, Progress, Queued, Started
-from server.config import TrainingConfig
 
 EXAMPLES = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(8)]
 # Far more steps than a test waits for: these jobs end only when cancelled.

@@ -8,10 +8,9 @@ import json
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from harness import RunningServer
 from loraserve.training import Completed, Evaluation, Progress, Queued, Started
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ANSWER = "XYZZY"
 

@@ -7,9 +7,8 @@ import threading
 import time
 
 import pytest
-
-from server.model.turns import DeviceTurns
-from server.training.pacing import SharedTurns
+from loraserve.core.model.turns import DeviceTurns
+from loraserve.server.training.pacing import SharedTurns
 
 
 def timed_turn(turns, work: float = 0.0) -> float:

@@ -5,9 +5,8 @@ loaded by stock PEFT, is in test_training_learns.py.)"""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from harness import RunningServer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ANSWER = "XYZZY"
 

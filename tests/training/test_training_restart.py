@@ -7,12 +7,11 @@ import json
 
 import grpc
 import pytest
-
 from harness import RunningServer
+from loraserve.server.config import TrainingConfig
+from loraserve.server.training.jobs import JOBS_DIR
+from loraserve.server.training.records import new_job_id
 from loraserve.training import Completed, Failed, Progress, Queued, Started
-from server.config import TrainingConfig
-from server.training.jobs import JOBS_DIR
-from server.training.records import new_job_id
 
 EXAMPLES = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(8)]
 ENDLESS = {"max_steps": 1_000_000, "batch_size": 2, "eval_fraction": 0.0, "template": "plain"}

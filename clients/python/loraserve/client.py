@@ -15,8 +15,14 @@ import grpc
 
 from loraserve import training as train_types
 from loraserve.training import TrainingEvent, TrainingJob
-from loraserve.v1 import (adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc, training_pb2,
-                          training_pb2_grpc)
+from loraserve.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 
 _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
 _STATE = {adapter_pb2.ADAPTER_STATE_DISK: "disk", adapter_pb2.ADAPTER_STATE_CPU: "cpu",

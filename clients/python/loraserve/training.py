@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from loraserve.v1 import inference_pb2, training_pb2 as pb
+from loraserve.v1 import inference_pb2
+from loraserve.v1 import training_pb2 as pb
 
 STATES = {pb.TRAINING_JOB_STATE_QUEUED: "queued", pb.TRAINING_JOB_STATE_RUNNING: "running",
           pb.TRAINING_JOB_STATE_SUCCEEDED: "succeeded", pb.TRAINING_JOB_STATE_FAILED: "failed",

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-from server.config import ModelConfig, default_cache_dir
+from loraserve.core.model.config import ModelConfig, default_cache_dir
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from loraserve.core.errors import FailedPrecondition
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-
-from server.errors import FailedPrecondition
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.errors import InvalidArgument
+from loraserve.core.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant", "tool")
 
