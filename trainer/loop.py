@@ -1,7 +1,7 @@
 """Train one LoRA adapter on the shared, frozen base model.
 
 The base model and its LoRA context belong to serving as much as to training, so every forward
-pass here runs inside one device turn (server/model/turns.py), attaches the job's adapter to the
+pass here runs inside one device turn (core/model/turns.py), attaches the job's adapter to the
 context only for that turn, and puts everything back afterwards: ctx.train, train/eval mode and
 activation checkpointing. Between turns the model is exactly as serving left it.
 """

@@ -3,7 +3,8 @@
 Serving: each wrapped Linear holds A[slots+1, r_max, in] and B[slots+1, out, r_max] (scaling folded
 into B; slot 0 is all zeros and means "no adapter"). A step names one slot per row; the per-row
 weights are gathered once per batch composition (rows change far less often than steps) and applied
-with two bmm, so the cost is the same for one adapter or sixteen (DESIGN.md, "The LoRA layer").
+with two bmm, so the cost is the same for one adapter or sixteen (docs/architecture.md,
+"Why slot-stacked LoRA").
 
 Training: a job's trainable adapter is attached to the same wrappers; the frozen base is shared.
 The context says which of the two (or neither) a forward pass uses.
