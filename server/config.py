@@ -48,10 +48,22 @@ class EngineConfig:
     """Cap on prompt length; None: the model's context window minus one."""
     max_stop_sequences: int = 8
     max_prefill_tokens: int = 4096
-    """Prompt tokens prefilled in one step, so a burst of long prompts cannot stall decoding."""
+    """Prompt tokens prefilled in one step (in chunks), so a long prompt delays decoding rows by at most
+    one chunk."""
+    max_seq_len: int = 4096
+    """Longest sequence (prompt + new tokens) a row may reach; the model's context window caps it. The
+    static engine preallocates this many KV positions per row."""
+    kv_cache_fraction: float = 0.5
+    """On CUDA, the share of free device memory (after the model loads) the KV cache may take; the
+    batch size is capped to the rows that fit."""
+    static_engine: bool = True
+    """Use the static-shape engine for Llama-family models (false: the generic engine for all)."""
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_new_tokens", "default_max_new_tokens"):
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError("--kv-cache-fraction must be in (0, 1]")
+        for name in ("max_batch_size", "max_queue", "max_new_tokens", "default_max_new_tokens", "max_seq_len",
+                     "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 

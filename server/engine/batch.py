@@ -1,41 +1,43 @@
-"""The running batch: rows, their KV cache and the two pure steps, prefill and decode."""
+"""The generic running batch, for architectures the static engine does not cover: any HF causal LM.
+
+Rows are left-padded and share one time axis (server/engine/kv_cache.py, TGI's design); the model's
+own forward runs over them with LoRA applied by the wrapped layers (one slot per row, weights
+gathered once per batch composition). Prompts are prefilled whole, as many per step as the token
+budget allows. Same interface as StaticBatch: add, prefill_chunk, decode, remove.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import torch
+
 from loraserve.core.lora.layer import LoraBatch, LoraContext
 from loraserve.server.engine import kv_cache
-from loraserve.server.engine.detokenize import TextStream
-from loraserve.server.engine.sampling import RowSampler, sample
-from loraserve.server.engine.types import GenerationRequest
+from loraserve.server.engine.row import Row
+from loraserve.server.engine.sampling import sample
 
 
-@dataclass
-class Row:
-    request: GenerationRequest
-    slot: int
-    """LoRA slot (0: base model alone)."""
-    sampler: RowSampler
-    stream: TextStream
-    admitted: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    last_token_at: float = 0.0
-    generated: int = 0
-    finish_reason: str | None = None
+def sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    dev = logits.device
+    sp = [r.request.sampling for r in rows]
+    return sample(logits, torch.tensor([s.temperature for s in sp], dtype=torch.float32, device=dev),
+                  torch.tensor([s.top_k for s in sp], device=dev),
+                  torch.tensor([s.top_p for s in sp], dtype=torch.float32, device=dev),
+                  torch.tensor([r.seed for r in rows], device=dev), torch.tensor([r.generated for r in rows], device=dev),
+                  filtered=any(s.top_k > 0 or s.top_p < 1.0 for s in sp))
 
 
 class RunningBatch:
     """Left-padded rows decoded together; the LoRA composition is rebuilt only when rows change."""
 
-    def __init__(self, model, ctx: LoraContext, device: torch.device, num_layers: int):
+    def __init__(self, model, ctx: LoraContext, device: torch.device, num_layers: int, prefill_tokens: int):
         self.model = model
         self.ctx = ctx
         self.device = device
         self.num_layers = num_layers
-        self.rows: list[Row] = []
+        self.prefill_tokens = prefill_tokens
+        self.rows: list[Row] = []  # decoding rows, in cache order
+        self._pending: list[Row] = []
+        self.last_chunk: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 where a row has a token
         self.positions: torch.Tensor | None = None  # [B] position of each row's next token
@@ -43,7 +45,10 @@ class RunningBatch:
         self.lora: LoraBatch | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self._pending)
+
+    def add(self, rows: list[Row]) -> None:
+        self._pending.extend(rows)
 
     def _forward(self, input_ids, mask, positions, cache, lora: LoraBatch) -> torch.Tensor:
         self.ctx.batch = lora
@@ -54,8 +59,19 @@ class RunningBatch:
             self.ctx.batch = None
         return out.logits[:, -1, :]  # [B, V]
 
-    def prefill(self, rows: list[Row], slot_ranks: list[int]) -> list[int]:
-        """Run the prompts of new rows, sample their first token, and merge them into the batch."""
+    def prefill_chunk(self, slot_ranks: list[int]) -> list[tuple[Row, int]]:
+        """Whole prompts of pending rows, up to the token budget (at least one row); merges them in."""
+        rows, budget = [], self.prefill_tokens
+        for row in self._pending:
+            n = len(row.request.prompt_ids)
+            if rows and n > budget:
+                break
+            rows.append(row)
+            budget -= n
+        self.last_chunk = rows
+        if not rows:
+            return []
+        self._pending = self._pending[len(rows):]
         lengths = [len(r.request.prompt_ids) for r in rows]
         width = max(lengths)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -69,7 +85,7 @@ class RunningBatch:
         slots = [r.slot for r in rows]
         logits = self._forward(ids, mask, positions, cache, LoraBatch(slots, [slot_ranks[s] for s in slots],
                                                                           self.device))
-        tokens = sample(logits, [r.sampler for r in rows])
+        tokens = sample_rows(logits, rows)
         new_positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if self.rows:
             self.cache, self.mask = kv_cache.merge(self.cache, self.mask, cache, mask)
@@ -79,25 +95,31 @@ class RunningBatch:
             self.cache, self.mask, self.positions, self.last_tokens = cache, mask, new_positions, tokens
         self.rows.extend(rows)
         self.lora = None
-        return tokens.tolist()
+        return list(zip(rows, tokens.tolist()))
 
-    def decode(self, slot_ranks: list[int]) -> list[int]:
-        """One token for every row."""
+    def decode(self, slot_ranks: list[int]) -> list[tuple[Row, int]]:
+        """One token for every decoding row."""
+        if not self.rows:
+            return []
         if self.lora is None:
             slots = [r.slot for r in self.rows]
             self.lora = LoraBatch(slots, [slot_ranks[s] for s in slots], self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         logits = self._forward(self.last_tokens[:, None], self.mask, self.positions[:, None], self.cache, self.lora)
-        tokens = sample(logits, [r.sampler for r in self.rows])
+        tokens = sample_rows(logits, self.rows)
         self.last_tokens = tokens
         self.positions = self.positions + 1
-        return tokens.tolist()
+        return list(zip(self.rows, tokens.tolist()))
 
-    def remove(self, done: list[int]) -> None:
+    def remove(self, done: list[Row]) -> None:
         """Drop finished rows; their memory is freed now, not when the batch empties."""
         if not done:
             return
-        keep = [i for i in range(len(self.rows)) if i not in set(done)]
+        gone = {id(r) for r in done}
+        self._pending = [r for r in self._pending if id(r) not in gone]
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
         self.rows = [self.rows[i] for i in keep]
         self.lora = None
         if not keep:
@@ -107,3 +129,7 @@ class RunningBatch:
         self.mask = kv_cache.select(self.cache, self.mask, keep)
         self.positions = self.positions.index_select(0, index)
         self.last_tokens = self.last_tokens.index_select(0, index)
+
+    @property
+    def all_rows(self) -> list[Row]:
+        return self.rows + self._pending

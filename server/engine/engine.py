@@ -22,9 +22,13 @@ from loraserve.core.errors import (
 )
 from loraserve.core.model.turns import DeviceTurns
 from loraserve.server.config import EngineConfig
-from loraserve.server.engine.batch import Row, RunningBatch
+from loraserve.server.engine import llama
+from loraserve.server.engine.batch import RunningBatch
 from loraserve.server.engine.detokenize import TextStream
-from loraserve.server.engine.sampling import RowSampler
+from loraserve.server.engine.row import Row
+from loraserve.server.engine.sampling import new_seed
+from loraserve.server.engine.static_batch import StaticBatch
+from loraserve.server.engine.static_cache import StaticKVCache
 from loraserve.server.engine.types import (
     Failed,
     Finished,
@@ -45,9 +49,10 @@ class Engine:
         self.config = config
         self.turns = turns
         self.metrics = metrics
-        self.batch = RunningBatch(base.model, ctx, base.device, base.model.config.num_hidden_layers)
+        self.window = min(base.context_window, config.max_seq_len)
+        self.batch = self._make_batch(base, ctx, config)
         self.eos = set(base.eos_token_ids)
-        self.max_prompt_tokens = config.max_prompt_tokens or base.context_window - 1
+        self.max_prompt_tokens = min(config.max_prompt_tokens or self.window - 1, self.window - 1)
         self._cond = threading.Condition()
         self._incoming: deque[GenerationRequest] = deque()
         self._waiting: list[GenerationRequest] = []
@@ -56,6 +61,35 @@ class Engine:
         self._stopped = False
         self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def _make_batch(self, base, ctx, config: EngineConfig):
+        """The static engine for Llama-family decoders, the generic one for everything else."""
+        if not config.static_engine or not llama.supports(base.model):
+            log.info("engine: generic (left-padded cache, the model's own forward)")
+            return RunningBatch(base.model, ctx, base.device, base.model.config.num_hidden_layers,
+                                config.max_prefill_tokens)
+        cfg = base.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_row = StaticKVCache.bytes_per_row(cfg.num_hidden_layers, cfg.num_key_value_heads, self.window,
+                                              head_dim, base.compute_dtype)
+        rows = config.max_batch_size
+        if base.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(base.device)
+            fits = int(free * config.kv_cache_fraction) // per_row
+            if fits < 1:
+                raise ValueError(f"no room for one KV-cache row of {self.window} positions ({per_row >> 20} MiB): "
+                                 "lower --max-seq-len or raise --kv-cache-fraction")
+            if fits < rows:
+                log.warning("KV cache: room for %d rows of %d positions; --max-batch-size %d is capped to %d",
+                            fits, self.window, rows, fits)
+            rows = min(rows, fits)
+        log.info("engine: static (%d rows x %d positions, %.1f GiB KV cache)", rows, self.window,
+                 rows * per_row / 2**30)
+        return StaticBatch(base, ctx, rows, self.window, config.max_prefill_tokens)
+
+    @property
+    def max_rows(self) -> int:
+        return getattr(self.batch, "max_rows", self.config.max_batch_size)
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -72,11 +106,11 @@ class Engine:
         if max_new_tokens > self.config.max_new_tokens:
             raise InvalidArgument(
                 f"max_new_tokens {max_new_tokens} exceeds the server's cap of {self.config.max_new_tokens}")
-        window = self.base.context_window
+        window = self.window
         if len(prompt_ids) + max_new_tokens > window:
             raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context window "
-                f"of {window} tokens")
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the sequence "
+                f"limit of {window} tokens (the model's context window, capped by --max-seq-len)")
 
     def submit(self, request: GenerationRequest) -> None:
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
@@ -144,14 +178,15 @@ class Engine:
             try:
                 with self.turns.turn(), torch.inference_mode():
                     self._admit()
+                    self._prefill()
                     if len(self.batch):
-                        self._after_tokens(self.batch.rows, self.batch.decode(self.registry.slot_ranks()))
+                        self._after_tokens(self.batch.decode(self.registry.slot_ranks()))
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
                 self._fail_batch(e)
             self._report()
             with self._cond:
                 self._cond.notify_all()  # wakes wait_idle()
-        for req in list(self._waiting) + [r.request for r in self.batch.rows]:
+        for req in list(self._waiting) + [r.request for r in self.batch.all_rows]:
             req.emit(Failed(Unavailable("the server stopped")))
 
     def _next_deadline_in(self) -> float | None:
@@ -173,48 +208,47 @@ class Engine:
             else:
                 still.append(req)
         self._waiting = still
-        done = []
-        for i, row in enumerate(self.batch.rows):
+        for row in self.batch.all_rows:
             if row.request.request_id in cancelled:
                 row.finish_reason = "cancelled"
             elif row.request.deadline is not None and row.request.deadline <= now:
                 row.finish_reason = "deadline"
-            if row.finish_reason:
-                done.append(i)
-        self._finish_rows(done)
+        self._finish_rows()
 
     def _finished_unstarted(self, req: GenerationRequest, reason: str) -> Finished:
         waited = time.monotonic() - req.arrival
         return Finished(reason, "", len(req.prompt_ids), 0, Timings(waited, 0.0, waited))
 
     def _admit(self) -> None:
-        free = self.config.max_batch_size - len(self.batch)
-        budget = self.config.max_prefill_tokens
+        """Waiting requests whose adapter holds a slot take free rows; their prompts prefill in later chunks."""
+        free = self.max_rows - len(self.batch)
         joining: list[Row] = []
         for req in list(self._waiting):
             if free == 0:
                 break
-            if joining and len(req.prompt_ids) > budget:
-                break  # the rest join at the next step; decoding is not stalled by a burst of prompts
             slot = self._slot_for(req)
             if slot is None:
                 continue
             self._waiting.remove(req)
-            s = req.sampling
-            joining.append(Row(req, slot, RowSampler(s.temperature, s.top_p, s.top_k, s.seed, self.base.device),
-                               TextStream(self.base.tokenizer, s.stop)))
-            budget -= len(req.prompt_ids)
+            seed = req.sampling.seed if req.sampling.seed is not None else new_seed()
+            joining.append(Row(req, slot, TextStream(self.base.tokenizer, req.sampling.stop), seed))
             free -= 1
         if joining:
             if self.metrics:
                 for row in joining:
                     self.metrics.observe_queue_time(row.admitted - row.request.arrival)
-            try:
-                tokens = self.batch.prefill(joining, self.registry.slot_ranks())
-            except Exception as e:  # noqa: BLE001 - only the joining rows are lost; the batch is intact
-                self._fail_rows(joining, e)
-                return
-            self._after_tokens(joining, tokens)
+            self.batch.add(joining)
+
+    def _prefill(self) -> None:
+        """One chunk of pending prompt tokens; a failure here fails that chunk's rows only."""
+        try:
+            out = self.batch.prefill_chunk(self.registry.slot_ranks())
+        except Exception as e:  # noqa: BLE001 - only the rows of this chunk are lost; the batch is intact
+            rows = list(self.batch.last_chunk)
+            self.batch.remove(rows)
+            self._fail_rows(rows, e)
+            return
+        self._after_tokens(out)
 
     def _slot_for(self, req: GenerationRequest) -> int | None:
         """The request's LoRA slot, or None if it must wait (its adapter is loading or slots are busy)."""
@@ -230,9 +264,9 @@ class Engine:
             req.emit(Failed(e))
             return None
 
-    def _after_tokens(self, rows: list[Row], tokens: list[int]) -> None:
+    def _after_tokens(self, out: list[tuple[Row, int]]) -> None:
         now = time.monotonic()
-        for row, token in zip(rows, tokens):
+        for row, token in out:
             if row.finish_reason:
                 continue
             if row.first_token is None:
@@ -253,14 +287,14 @@ class Engine:
                 row.finish_reason = "length"
             if delta:
                 row.request.emit(TextDelta(delta, row.generated))
-        self._finish_rows([i for i, r in enumerate(self.batch.rows) if r.finish_reason])
+        self._finish_rows()
 
-    def _finish_rows(self, done: list[int]) -> None:
+    def _finish_rows(self) -> None:
+        done = [r for r in self.batch.all_rows if r.finish_reason]
         if not done:
             return
         now = time.monotonic()
-        for i in done:
-            row = self.batch.rows[i]
+        for row in done:
             req = row.request
             tail = row.stream.finish() if row.finish_reason in ("stop", "length") else ""
             if tail:
@@ -276,8 +310,8 @@ class Engine:
         self.batch.remove(done)
 
     def _fail_batch(self, error: Exception) -> None:
-        rows = list(self.batch.rows)
-        self.batch.remove(list(range(len(rows))))
+        rows = list(self.batch.all_rows)
+        self.batch.remove(rows)
         self._fail_rows(rows, error)
 
     def _fail_rows(self, rows: list[Row], error: Exception) -> None:

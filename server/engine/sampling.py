@@ -1,48 +1,75 @@
-"""Next-token choice for a batch whose rows carry their own sampling settings."""
+"""Next-token choice for all rows at once, from per-row tensors: no Python loop over rows, no host sync.
+
+Each row has its own temperature, top-k, top-p and seed. A sampled token is drawn by inverse-CDF
+sampling with one uniform number per row, made by a counter-based hash of (seed, tokens generated so
+far): a seeded row gives the same tokens whatever else is in the batch, and nothing here keeps RNG
+state, so the whole function can sit inside a captured CUDA graph. The distribution is the one
+multinomial sampling of the filtered softmax gives.
+
+Numerically safe for every value the API accepts: logits are shifted so their maximum is 0 before
+the temperature divides them, so a tiny temperature sends the others to -inf (a one-hot softmax)
+instead of overflowing to inf - inf = NaN.
+"""
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 
-
-class RowSampler:
-    """One row's settings and RNG: a seed makes the row reproducible whatever else is in the batch."""
-
-    def __init__(self, temperature: float, top_p: float, top_k: int, seed: int | None, device: torch.device):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.greedy = temperature == 0.0
-        self.generator = None
-        if not self.greedy:
-            self.generator = torch.Generator(device=device)
-            if seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(seed)
+# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic).
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
-    """Temperature, top-k and top-p (nucleus) applied to one row's logits [V]."""
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the ones before it already reach top_p; the first token always stays.
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] (on the logits' device)."""
-    tokens = logits.argmax(dim=-1)  # [B]; greedy rows are done
-    for i, s in enumerate(samplers):
-        if s.greedy:
-            continue
-        probs = filter_logits(logits[i], s.temperature, s.top_p, s.top_k).softmax(-1)
-        tokens[i] = torch.multinomial(probs, 1, generator=s.generator)[0]
-    return tokens
+def uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """splitmix64 output number `counter` of the stream `seed` -> float32 in (0, 1). [N] int64 -> [N]."""
+    z = seed + counter * _GAMMA + _GAMMA
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seed: torch.Tensor, counter: torch.Tensor, filtered: bool) -> torch.Tensor:
+    """logits [N, V] -> tokens [N] (int64). temperature 0 means greedy; top_k 0 and top_p 1 mean no cut.
+
+    `filtered` is False when no row uses top-k or top-p: the full-vocabulary sort is skipped then.
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    x = (logits - logits.max(dim=-1, keepdim=True).values) / t[:, None]  # [N, V], max 0
+    if filtered:
+        x = _filter(x, top_k, top_p)
+    probs = x.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # [N, V]
+    u = uniform(seed, counter) * cdf[:, -1]
+    vocab = logits.shape[-1]
+    drawn = torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp_(max=vocab - 1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k values and its smallest set of values whose probability reaches top_p."""
+    vocab = x.shape[-1]
+    ordered = x.sort(dim=-1, descending=True).values  # [N, V]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+    kth = ordered.gather(1, (k - 1)[:, None])  # [N, 1]
+    p = ordered.softmax(dim=-1)
+    # A value stays when the ones before it do not reach top_p yet; the first always stays.
+    kept = ((p.cumsum(dim=-1) - p) < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
+    pth = ordered.gather(1, kept - 1)
+    return x.masked_fill(x < torch.maximum(kth, pth), float("-inf"))
+
+
+def new_seed() -> int:
+    """A seed for a row that gave none (its draws are then not reproducible, as the API says)."""
+    return secrets.randbits(62)

@@ -83,7 +83,7 @@ def test_prompt_and_token_limits_name_the_limit(srv):
     code, msg = code_of(srv.client.predict, "word " * 600, max_new_tokens=4)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "511" in msg
     code, msg = code_of(srv.client.predict, "word " * 490, max_new_tokens=64)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "context window of 512" in msg
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit of 512 tokens" in msg
 
 
 @pytest.mark.parametrize("kwargs,needle", [
