@@ -103,7 +103,9 @@ class SegmentLora:
 
 
 class TritonLora:
-    """CUDA: shrink once per group, expand per projection, by per-token slot index (idx [T], ranks [S])."""
+    """Shrink once per group, expand per projection, by per-token slot index (idx [T], ranks [S]).
+
+    The tokens are grouped by slot once per step (ops.lora_meta) and every layer reuses that."""
 
     def __init__(self, groups: list[dict[str, Group]], idx: torch.Tensor, ranks: torch.Tensor):
         from loraserve.server.lora import ops
@@ -112,9 +114,10 @@ class TritonLora:
         self.groups = groups
         self.idx = idx
         self.ranks = ranks
+        self.meta = ops.lora_meta(idx, ranks.shape[-1])
 
     def add(self, layer, group, x, outs) -> None:
         grp = self.groups[layer][group]
-        h = self.ops.lora_shrink(x, grp.a, self.idx, self.ranks, len(grp.bs))
+        h = self.ops.lora_shrink(x, grp.a, self.idx, self.ranks, len(grp.bs), meta=self.meta)
         for g, y in enumerate(outs):
-            self.ops.lora_expand(y, h, grp.bs[g], self.idx, self.ranks, g)
+            self.ops.lora_expand(y, h, grp.bs[g], self.idx, self.ranks, g, meta=self.meta)

@@ -56,7 +56,8 @@ def bucket(n: int, limit: int, floor: int = 1) -> int:
 
 
 class StaticBatch:
-    def __init__(self, base, ctx, max_rows: int, max_len: int, prefill_tokens: int, use_graphs: bool | None = None):
+    def __init__(self, base, ctx, max_rows: int, max_len: int, prefill_tokens: int, use_graphs: bool | None = None,
+                 lora_kernels: bool | None = None):
         self.base = base
         self.ctx = ctx
         self.device = base.device
@@ -76,6 +77,8 @@ class StaticBatch:
         self._prefilling: list[Row] = []
         self.last_chunk: list[Row] = []
         self.cuda = self.device.type == "cuda"
+        # Triton kernels by slot index on CUDA; tests also run them on the CPU (Triton's interpreter).
+        self.kernels = self.cuda if lora_kernels is None else lora_kernels
         self.ranks = torch.zeros(len(self.groups[0]["o"].a), dtype=torch.int32, device=self.device)  # [S]
         self._ranks_host: list[int] = []
         self._lora: GatheredLora | None = None  # CPU decode: rebuilt when rows or slots change
@@ -160,7 +163,7 @@ class StaticBatch:
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         if not any(s for s in slots):
             lora = NoLora()
-        elif self.cuda:
+        elif self.kernels:
             lora = TritonLora(self.groups, torch.tensor(slots, dtype=torch.long, device=dev), self.ranks)
         else:
             lora = SegmentLora(self.groups, lora_segments)
@@ -233,7 +236,7 @@ class StaticBatch:
         ids, positions = s.tokens[:n], s.positions[:n]
         if not with_lora:
             lora = NoLora()
-        elif self.cuda:
+        elif self.kernels:
             lora = TritonLora(self.groups, s.slots[:n], self.ranks)
         else:
             if self._lora is None or self._lora.slots.shape[0] != n:

@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM
 FP32_SUM_ORDER = dict(atol=1e-4, rtol=1e-4)
 
 
-def served(model_dir, adapter_sources, quantization="fp32", slots=4, max_rank=16):
-    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device="cpu"))
+def served(model_dir, adapter_sources, quantization="fp32", slots=4, max_rank=16, device="cpu"):
+    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device=device))
     ctx, wrapped = wrap_model(base.model, slots, max_rank, base.compute_dtype, base.device)
     return base, ctx, wrapped
 
@@ -43,7 +43,7 @@ def write_adapters(wrapped, adapter_sources, base, max_rank=16) -> list[int]:
     return ranks + [0] * (len(next(iter(wrapped.values())).lora_a) - len(ranks))
 
 
-def peft_reference(model_dir, adapter_sources, quantization="fp32"):
+def peft_reference(model_dir, adapter_sources, quantization="fp32", device="cpu"):
     kw = {}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -51,7 +51,7 @@ def peft_reference(model_dir, adapter_sources, quantization="fp32"):
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_compute_dtype=torch.float32,
                                                        bnb_4bit_use_double_quant=True)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, **kw).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, **kw, device_map={"": device}).eval()
     peft = PeftModel.from_pretrained(ref, adapter_sources / "a0", adapter_name="a0")
     for i in (1, 2):
         peft.load_adapter(adapter_sources / f"a{i}", adapter_name=f"a{i}")
@@ -59,7 +59,7 @@ def peft_reference(model_dir, adapter_sources, quantization="fp32"):
 
 
 def generate_ref(peft, prompt, slot, n):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=peft.device)
     if slot == 0:
         with peft.disable_adapter(), torch.no_grad():
             out = peft.generate(input_ids=ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
@@ -184,3 +184,27 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir, adapter_sou
 def test_buckets():
     assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64, 65)] == [1, 2, 4, 8, 64, 64, 64]
     assert bucket(3, 512, floor=64) == 64 and bucket(130, 512, floor=64) == 256
+
+
+def test_triton_lora_kernels_in_the_engine_equal_peft(tiny_model_dir, adapter_sources):
+    """The CUDA path's LoRA (Triton kernels by slot index), run by Triton's interpreter on the CPU."""
+    from loraserve.server.lora import ops
+
+    if not ops.triton_available():
+        pytest.skip("triton is not installed (the test extra installs it on x86_64)")
+    base, ctx, wrapped = served(tiny_model_dir, adapter_sources)
+    ranks = write_adapters(wrapped, adapter_sources, base)
+    batch = StaticBatch(base, ctx, max_rows=4, max_len=32, prefill_tokens=64, lora_kernels=True)
+    torch.manual_seed(9)
+    specs = [(1, 5), (0, 3), (3, 6), (2, 4)]
+    prompts = [torch.randint(5, 2000, (n,)).tolist() for _, n in specs]
+    rows = [Row(request(i, p, 3), slot, None, 0) for i, ((slot, _), p) in enumerate(zip(specs, prompts))]
+    got = {i: [] for i in range(4)}
+    batch.add(rows)
+    with torch.inference_mode():
+        while any(len(v) < 3 for v in got.values()):
+            for row, token in batch.prefill_chunk(ranks) + batch.decode(ranks):
+                got[int(row.request.request_id)].append(token)
+    peft = peft_reference(tiny_model_dir, adapter_sources)
+    for i, ((slot, _), prompt) in enumerate(zip(specs, prompts)):
+        assert got[i][:3] == generate_ref(peft, prompt, slot, 3), f"row {i} (slot {slot})"
