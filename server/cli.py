@@ -1,4 +1,4 @@
-"""The `loraserve` command: serve, train, finetune.
+"""The `loraserve` command: serve, train, finetune, health.
 
 Every `serve` flag can also come from a LORASERVE_<FLAG> environment variable (read here, once).
 """
@@ -88,16 +88,53 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
     )
 
 
+HEALTH_HELP = "check a running server through grpc.health.v1: exit 0 if SERVING, 1 otherwise"
+
+
+def add_health_arguments(p: argparse.ArgumentParser) -> None:
+    port = _env("port", ServerConfig().port, int)
+    p.add_argument("--address", default=f"127.0.0.1:{port}",
+                   help="HOST:PORT of the server (default %(default)s, the port from LORASERVE_PORT if set)")
+    p.add_argument("--service", default="",
+                   help="service to check, e.g. loraserve.v1.InferenceService (default: the server as a whole)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default %(default)s)")
+
+
+def run_health(a: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(a.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
+    except grpc.RpcError as e:
+        print(f"{a.address} {a.service or '(server)'}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{a.address} {a.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:
+        # A probe runs every few seconds: answer before the trainer's parsers below import torch.
+        health_parser = argparse.ArgumentParser(prog="loraserve health", description=HEALTH_HELP)
+        add_health_arguments(health_parser)
+        return run_health(health_parser.parse_args(argv[1:]))
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
+    add_health_arguments(sub.add_parser("health", help=HEALTH_HELP))
     from loraserve.trainer.cli import add_train_arguments, run_train
     from loraserve.trainer.finetune import add_finetune_arguments, run_finetune
 
     add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
     add_finetune_arguments(sub.add_parser("finetune", help="train an adapter on a running server (Train RPC)"))
     args = parser.parse_args(argv)
+    if args.command == "health":
+        return run_health(args)
     if args.command == "train":
         return run_train(args)
     if args.command == "finetune":
