@@ -1,8 +1,10 @@
 """Adapters by id: where they live (disk / CPU / device slot), loading, LRU eviction, containment.
 
-Disk -> CPU loads run on a worker thread so they never stall the running batch; CPU -> slot copies
-run on the engine thread between steps (the slot memory is read by the forward pass). Slots used by
-running rows are pinned; the least recently used unpinned adapter is evicted first, in each tier.
+Disk -> CPU loads and CPU -> slot uploads run on worker threads, so neither stalls the running batch:
+a slot being written is free (no running row reads it), and a request joins once its adapter's
+upload has finished. On CUDA the host copies are pinned and the upload runs on its own stream, so
+it overlaps the decode steps instead of queueing in front of them. Slots used by running rows are
+pinned; the least recently used unpinned adapter is evicted first, in each tier.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ class AdapterRegistry:
         self._loading: dict[str, Future] = {}
         self._errors: dict[str, str] = {}
         self._evict_on_release: set[str] = set()
+        self._uploading: dict[str, int] = {}  # adapter -> slot being written
+        some = next(iter(wrapped.values()), None)
+        self.device = some.lora_a.device if some is not None else torch.device("cpu")
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
         self._report_residency()
 
@@ -110,7 +116,7 @@ class AdapterRegistry:
     def state(self, adapter_id: str) -> str:
         """GPU / CPU / disk; raises NotFound or FailedPrecondition (for a failed load)."""
         with self._lock:
-            if adapter_id in self._slot_of:
+            if adapter_id in self._slot_of or adapter_id in self._uploading:
                 return GPU
             if adapter_id in self._cpu:
                 return CPU
@@ -149,6 +155,8 @@ class AdapterRegistry:
                 self._loading.pop(adapter_id, None)
             self.on_loaded()
             raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {e}") from e
+        if self._stream is not None:  # pinned: the upload is then a true asynchronous copy
+            weights.modules = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in weights.modules.items()}
         with self._lock:
             self._cpu[adapter_id] = weights
             self._cpu.move_to_end(adapter_id)
@@ -161,31 +169,62 @@ class AdapterRegistry:
         return weights
 
     def acquire_slot(self, adapter_id: str) -> int | None:
-        """Engine thread: pin the adapter in a device slot, copying it in if needed.
+        """Engine thread: pin the adapter's device slot for a joining row.
 
-        Returns None when every slot is pinned by running rows (the request waits)."""
+        Returns None while the request must wait: the adapter is not in a slot yet (its upload is
+        started here, on a worker, and on_loaded() fires when it is done) or every slot is pinned."""
         with self._lock:
             slot = self._slot_of.get(adapter_id)
             if slot is not None:
                 self._slot_of.move_to_end(adapter_id)
                 if self.metrics:
                     self.metrics.adapter_hit()
+                self._pins[slot] = self._pins.get(slot, 0) + 1
+                return slot
+            if adapter_id in self._uploading:
+                return None
+            weights = self._cpu.get(adapter_id)
+            if weights is None:
+                return None
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            self._uploading[adapter_id] = slot
+            self._cpu.move_to_end(adapter_id)
+            self._pool.submit(self._upload, adapter_id, slot, weights)
+            return None
+
+    def _upload(self, adapter_id: str, slot: int, weights: AdapterWeights) -> None:
+        """Worker thread: write one adapter into a free slot, then make it admissible."""
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    self._write(slot, weights)
+                self._stream.synchronize()  # this worker waits; the engine's stream does not
             else:
-                weights = self._cpu.get(adapter_id)
-                if weights is None:
-                    return None
-                slot = self._take_slot()
-                if slot is None:
-                    return None
-                for name, layer in self.wrapped.items():
-                    a, b = weights.modules.get(name, (None, None))
-                    layer.write_slot(slot, a, b)
+                self._write(slot, weights)
+        except Exception as e:  # noqa: BLE001 - this adapter fails alone; its slot goes back
+            log.error("upload of adapter %r into slot %d failed", adapter_id, slot, exc_info=e)
+            with self._lock:
+                self._uploading.pop(adapter_id, None)
+                self._errors[adapter_id] = f"upload to the device failed: {type(e).__name__}: {e}"
+                self._free_slots.append(slot)
+            self.on_loaded()
+            return
+        with self._lock:
+            self._uploading.pop(adapter_id, None)
+            if self._cpu.get(adapter_id) is weights:
                 self._slot_rank[slot] = weights.max_rank
                 self._slot_of[adapter_id] = slot
-                self._cpu.move_to_end(adapter_id)
                 self._report_residency()
-            self._pins[slot] = self._pins.get(slot, 0) + 1
-            return slot
+            else:  # invalidated (its files changed) during the upload: the next request loads anew
+                self._free_slots.append(slot)
+        self.on_loaded()
+
+    def _write(self, slot: int, weights: AdapterWeights) -> None:
+        for name, layer in self.wrapped.items():
+            a, b = weights.modules.get(name, (None, None))
+            layer.write_slot(slot, a, b)
 
     def release_slot(self, adapter_id: str, slot: int) -> None:
         with self._lock:
