@@ -25,6 +25,7 @@ from loraserve.server.config import EngineConfig
 from loraserve.server.engine import llama
 from loraserve.server.engine.batch import RunningBatch
 from loraserve.server.engine.detokenize import TextStream
+from loraserve.server.engine.output import Output
 from loraserve.server.engine.row import Row
 from loraserve.server.engine.sampling import new_seed
 from loraserve.server.engine.static_batch import StaticBatch
@@ -33,7 +34,6 @@ from loraserve.server.engine.types import (
     Failed,
     Finished,
     GenerationRequest,
-    TextDelta,
     Timings,
 )
 from loraserve.server.lora.registry import DISK, AdapterRegistry
@@ -57,6 +57,8 @@ class Engine:
         self._incoming: deque[GenerationRequest] = deque()
         self._waiting: list[GenerationRequest] = []
         self._cancelled: set[str] = set()
+        self._text_stopped: set[str] = set()  # rows whose text hit a stop sequence (found by the output thread)
+        self.output = Output(self._stop_text)
         self._wake = False
         self._stopped = False
         self._draining = False
@@ -94,6 +96,7 @@ class Engine:
     # --- called from other threads -------------------------------------------------------------
 
     def start(self) -> None:
+        self.output.start()
         self._thread.start()
 
     def validate(self, prompt_ids: list[int], max_new_tokens: int) -> None:
@@ -132,6 +135,12 @@ class Engine:
             self._wake = True
             self._cond.notify()
 
+    def _stop_text(self, request_id: str) -> None:
+        with self._cond:
+            self._text_stopped.add(request_id)
+            self._wake = True
+            self._cond.notify()
+
     def wake(self) -> None:
         with self._cond:
             self._wake = True
@@ -148,9 +157,11 @@ class Engine:
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is queued or running (True), or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            return self._cond.wait_for(
+            idle = self._cond.wait_for(
                 lambda: not (self._incoming or self._waiting or len(self.batch)), timeout=timeout)
+        return idle and self.output.wait_delivered(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
         with self._cond:
@@ -158,6 +169,7 @@ class Engine:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        self.output.stop()
 
     # --- the engine thread ----------------------------------------------------------------------
 
@@ -174,7 +186,8 @@ class Engine:
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 cancelled, self._cancelled = self._cancelled, set()
-            self._drop_cancelled_and_expired(cancelled)
+                text_stopped, self._text_stopped = self._text_stopped, set()
+            self._drop_cancelled_and_expired(cancelled, text_stopped)
             try:
                 with self.turns.turn(), torch.inference_mode():
                     self._admit()
@@ -187,7 +200,7 @@ class Engine:
             with self._cond:
                 self._cond.notify_all()  # wakes wait_idle()
         for req in list(self._waiting) + [r.request for r in self.batch.all_rows]:
-            req.emit(Failed(Unavailable("the server stopped")))
+            self.output.emit(req, Failed(Unavailable("the server stopped")))
 
     def _next_deadline_in(self) -> float | None:
         deadlines = [r.deadline for r in self._waiting if r.deadline is not None]
@@ -197,19 +210,23 @@ class Engine:
         now = time.monotonic()
         return any(r.deadline is not None and r.deadline <= now for r in self._waiting)
 
-    def _drop_cancelled_and_expired(self, cancelled: set[str]) -> None:
+    def _drop_cancelled_and_expired(self, cancelled: set[str], text_stopped: set[str]) -> None:
         now = time.monotonic()
         still = []
         for req in self._waiting:
             if req.request_id in cancelled:
-                req.emit(self._finished_unstarted(req, "cancelled"))
+                self.output.emit(req, self._finished_unstarted(req, "cancelled"))
             elif req.deadline is not None and req.deadline <= now:
-                req.emit(self._finished_unstarted(req, "deadline"))
+                self.output.emit(req, self._finished_unstarted(req, "deadline"))
             else:
                 still.append(req)
         self._waiting = still
         for row in self.batch.all_rows:
-            if row.request.request_id in cancelled:
+            if row.finish_reason:
+                continue
+            if row.request.request_id in text_stopped:
+                row.finish_reason = "stop"
+            elif row.request.request_id in cancelled:
                 row.finish_reason = "cancelled"
             elif row.request.deadline is not None and row.request.deadline <= now:
                 row.finish_reason = "deadline"
@@ -261,11 +278,12 @@ class Engine:
             return self.registry.acquire_slot(req.adapter_id)
         except LoraserveError as e:  # unknown, unreadable or escaping adapter: this request only
             self._waiting.remove(req)
-            req.emit(Failed(e))
+            self.output.emit(req, Failed(e))
             return None
 
     def _after_tokens(self, out: list[tuple[Row, int]]) -> None:
         now = time.monotonic()
+        text: list[tuple[Row, int]] = []
         for row, token in out:
             if row.finish_reason:
                 continue
@@ -280,13 +298,10 @@ class Engine:
             if token in self.eos:
                 row.finish_reason = "stop"
                 continue
-            delta = row.stream.add(token)
-            if row.stream.stopped:
-                row.finish_reason = "stop"
-            elif row.generated >= row.request.sampling.max_new_tokens:
+            text.append((row, token))  # detokenized and streamed by the output thread
+            if row.generated >= row.request.sampling.max_new_tokens:
                 row.finish_reason = "length"
-            if delta:
-                row.request.emit(TextDelta(delta, row.generated))
+        self.output.tokens(text)
         self._finish_rows()
 
     def _finish_rows(self) -> None:
@@ -296,12 +311,9 @@ class Engine:
         now = time.monotonic()
         for row in done:
             req = row.request
-            tail = row.stream.finish() if row.finish_reason in ("stop", "length") else ""
-            if tail:
-                req.emit(TextDelta(tail, row.generated))
             first = (row.first_token or now) - req.arrival
             timings = Timings(row.admitted - req.arrival, first, now - req.arrival)
-            req.emit(Finished(row.finish_reason, row.stream.text, len(req.prompt_ids), row.generated, timings))
+            self.output.finish(row, timings)
             if row.slot:
                 self.registry.release_slot(req.adapter_id, row.slot)
             if self.metrics:
@@ -319,7 +331,7 @@ class Engine:
         if isinstance(error, torch.OutOfMemoryError):
             error = ResourceExhausted(f"out of device memory in a step of {len(rows)} request(s); retry later")
         for row in rows:
-            row.request.emit(Failed(error))
+            self.output.emit(row.request, Failed(error))
             if row.slot:
                 self.registry.release_slot(row.request.adapter_id, row.slot)
 
