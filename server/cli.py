@@ -56,6 +56,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests waiting for a row before RESOURCE_EXHAUSTED (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=_env("max-new-tokens", ec.max_new_tokens, int),
                    help="cap on a request's max_new_tokens (default %(default)s)")
+    p.add_argument("--max-seq-len", type=int, default=_env("max-seq-len", ec.max_seq_len, int),
+                   help="longest prompt + new tokens per request, capped by the model's context window; the "
+                        "static engine preallocates this many KV positions per row (default %(default)s)")
+    p.add_argument("--kv-cache-fraction", type=float, default=_env("kv-cache-fraction", ec.kv_cache_fraction, float),
+                   help="CUDA: share of free device memory the KV cache may take (default %(default)s)")
+    p.add_argument("--max-prefill-tokens", type=int,
+                   default=_env("max-prefill-tokens", ec.max_prefill_tokens, int),
+                   help="prompt tokens prefilled per step (chunked prefill) (default %(default)s)")
+    p.add_argument("--engine", choices=["static", "generic"], default=_env("engine", "static"),
+                   help="static: preallocated cache, CUDA graphs, Llama-family models (others fall back to "
+                        "generic); generic: the model's own forward (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=_env("grace-seconds", d.grace_seconds, float),
                    help="on SIGTERM, time for in-flight requests to finish (default %(default)s)")
     p.add_argument("--data-root", default=_env("data-root", TrainingConfig().data_root),
@@ -82,7 +93,9 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         lora=LoraCacheConfig(adapter_root=a.adapter_root, max_gpu_adapters=a.max_gpu_adapters,
                              max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank),
         engine=EngineConfig(max_batch_size=a.max_batch_size, max_queue=a.max_queue, max_new_tokens=a.max_new_tokens,
-                            default_max_new_tokens=min(EngineConfig.default_max_new_tokens, a.max_new_tokens)),
+                            default_max_new_tokens=min(EngineConfig.default_max_new_tokens, a.max_new_tokens),
+                            max_seq_len=a.max_seq_len, kv_cache_fraction=a.kv_cache_fraction,
+                            max_prefill_tokens=a.max_prefill_tokens, static_engine=a.engine == "static"),
         training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
                                 training_share=a.training_share),
     )

@@ -9,7 +9,6 @@ budget allows. Same interface as StaticBatch: add, prefill_chunk, decode, remove
 from __future__ import annotations
 
 import torch
-
 from loraserve.core.lora.layer import LoraBatch, LoraContext
 from loraserve.server.engine import kv_cache
 from loraserve.server.engine.row import Row

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from loraserve.server.engine.llama import GATE_UP, QKV, LlamaParts
 
 

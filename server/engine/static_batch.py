@@ -16,10 +16,15 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from loraserve.server.engine import llama
 from loraserve.server.engine.graphs import StepGraphs
-from loraserve.server.engine.lora_apply import GatheredLora, NoLora, SegmentLora, TritonLora, fuse_groups
+from loraserve.server.engine.lora_apply import (
+    GatheredLora,
+    NoLora,
+    SegmentLora,
+    TritonLora,
+    fuse_groups,
+)
 from loraserve.server.engine.row import Row
 from loraserve.server.engine.sampling import sample
 from loraserve.server.engine.static_cache import StaticKVCache
