@@ -22,6 +22,7 @@ round, so a slow spell hits all of them alike. Every round is in the JSON, with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="repeat each measurement; the best round is kept")
     p.add_argument("--port", type=int, default=0, help="server gRPC port (0: a free one)")
     p.add_argument("--skip-anchor", action="store_true", help="do not run the PEFT generate anchor")
+    p.add_argument("--engine", choices=["static", "generic"], default="static", help="the server's --engine")
+    p.add_argument("--compare-engine", choices=["generic", "static", "none"], default="generic",
+                   help="also run a second server with this --engine in the same rounds (none: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results.json")
     a = p.parse_args(argv)
@@ -133,8 +137,8 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """`loraserve serve` as a subprocess; always killed on exit, exceptions included."""
 
-    def __init__(self, args, adapter_root: Path, slots: int, log_path: Path):
-        self.cmd = [sys.executable, "-m", "loraserve.server.cli", "serve", "--host", "127.0.0.1",
+    def __init__(self, args, adapter_root: Path, slots: int, log_path: Path, engine: str):
+        self.cmd = [sys.executable, "-m", "loraserve.server.cli", "serve", "--engine", engine, "--host", "127.0.0.1",
                     "--port", str(args.port), "--metrics-port", "0", "--adapter-root", str(adapter_root),
                     "--quantization", args.quantization, "--max-gpu-adapters", str(slots),
                     "--max-cpu-adapters", str(max(slots, 64)), "--max-lora-rank", str(args.rank),
@@ -312,28 +316,34 @@ def make_anchor(args, model_dir: Path, device: torch.device, adapter_root: Path,
     return run
 
 
-def measure(args, client, anchor, prompts: list[str], adapter_ids: list[str]) -> tuple[dict, dict]:
-    """--rounds rounds; in each, every K runs on the server and then on PEFT, back to back.
+def measure(args, client, anchor, prompts: list[str], adapter_ids: list[str], other=None) -> tuple[dict, dict, dict]:
+    """--rounds rounds; in each, every K runs on the server, the comparison server, then PEFT, back to back.
 
     Interleaving keeps the ratios fair on a shared machine, where a slow spell would otherwise land on one
     side only. The idle server uses no CPU while PEFT runs (its engine thread waits on a condition).
     """
     server = {k: [] for k in args.adapters}
     peft = {k: [] for k in args.adapters}
+    second = {k: [] for k in args.adapters}
     for _ in range(args.rounds):
         for k in args.adapters:
             server[k].append(fire(client, prompts, [adapter_ids[i % k] for i in range(args.requests)],
                                   args.new_tokens))
+            if other is not None:
+                second[k].append(fire(other, prompts, [adapter_ids[i % k] for i in range(args.requests)],
+                                      args.new_tokens))
+                print(f"K={k}: --engine {args.compare_engine} {second[k][-1]['tokens_per_second']:.1f} tokens/s",
+                      file=sys.stderr)
             if anchor is not None:
                 peft[k].append(anchor(k))
             print(f"K={k}: loraserve {server[k][-1]['tokens_per_second']:.1f} tokens/s"
                   + (f", PEFT {peft[k][-1]['tokens_per_second']:.1f}" if anchor is not None else ""),
                   file=sys.stderr)
-    return server, peft
+    return server, peft, second
 
 
-def best_rounds(args, server_rounds: dict, peft_rounds: dict) -> tuple[dict, dict]:
-    server, peft = {}, {}
+def best_rounds(args, server_rounds: dict, peft_rounds: dict, second_rounds: dict) -> tuple[dict, dict, dict]:
+    server, peft, second = {}, {}, {}
     for k in args.adapters:
         best = max(server_rounds[k], key=lambda r: r["tokens_per_second"])
         full = sum(g == args.new_tokens for g in best["generated_per_request"])
@@ -341,10 +351,13 @@ def best_rounds(args, server_rounds: dict, peft_rounds: dict) -> tuple[dict, dic
             print(f"K={k}: {args.requests - full} request(s) ended before {args.new_tokens} tokens; "
                   "tokens/s counts the tokens actually generated", file=sys.stderr)
         server[k] = {"best": best, "rounds_tokens_per_second": [r["tokens_per_second"] for r in server_rounds[k]]}
+        if second_rounds[k]:
+            second[k] = {"best": max(second_rounds[k], key=lambda r: r["tokens_per_second"]),
+                         "rounds_tokens_per_second": [r["tokens_per_second"] for r in second_rounds[k]]}
         if peft_rounds[k]:
             peft[k] = {**max(peft_rounds[k], key=lambda r: r["tokens_per_second"]),
                        "rounds_tokens_per_second": [r["tokens_per_second"] for r in peft_rounds[k]]}
-    return server, peft
+    return server, peft, second
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -371,12 +384,13 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def print_table(args, server: dict, anchor: dict) -> None:
+def print_table(args, server: dict, anchor: dict, second: dict) -> None:
     k1 = server.get(1, {}).get("best", {}).get("tokens_per_second")
     print(f"\n{args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new tokens), "
-          f"rank {args.rank}, {args.quantization}, best of {args.rounds} round(s)")
+          f"rank {args.rank}, {args.quantization}, --engine {args.engine}, best of {args.rounds} round(s)")
     head = (f"{'K':>4} {'loraserve tok/s':>16} {'PEFT tok/s':>11} {'vs PEFT':>8} {'vs K=1':>7} "
-            f"{'p50 lat s':>10} {'p99 lat s':>10} {'TTFT p50 s':>11} {'same text':>10}")
+            f"{'p50 lat s':>10} {'p99 lat s':>10} {'TTFT p50 s':>11} {'same text':>10} "
+            f"{'vs ' + args.compare_engine:>11}")
     print(head)
     print("-" * len(head))
     for k in args.adapters:
@@ -387,7 +401,8 @@ def print_table(args, server: dict, anchor: dict) -> None:
         print(f"{k:>4} {tps:>16.1f} {a['tokens_per_second'] if a else float('nan'):>11.1f} "
               f"{tps / a['tokens_per_second'] if a else float('nan'):>7.2f}x "
               f"{tps / k1 if k1 else float('nan'):>6.2f}x {b['latency_seconds']['p50']:>10.2f} "
-              f"{b['latency_seconds']['p99']:>10.2f} {b['ttft_seconds']['p50']:>11.2f} {same:>10}")
+              f"{b['latency_seconds']['p99']:>10.2f} {b['ttft_seconds']['p50']:>11.2f} {same:>10} "
+              + (f"{tps / second[k]['best']['tokens_per_second']:>10.2f}x" if k in second else f"{'-':>11}"))
 
 
 def main(argv=None) -> int:
@@ -415,12 +430,20 @@ def main(argv=None) -> int:
         adapter_ids = make_adapters(model_dir, adapter_root, max(args.adapters), args.rank, args.seed)
         prompts = make_prompts(tokenizer, args.requests, args.prompt_tokens, rng)
         server_log = Path(args.out).with_suffix(".server.log")
-        with ServerProcess(args, adapter_root, max(args.adapters), server_log) as proc, \
-                Client(f"127.0.0.1:{proc.port}") as client:
+        with contextlib.ExitStack() as stack:
+            proc = stack.enter_context(ServerProcess(args, adapter_root, max(args.adapters), server_log, args.engine))
+            client = stack.enter_context(Client(f"127.0.0.1:{proc.port}"))
             warm_up(args, client, prompts, adapter_ids, tokenizer, rng)
+            other = None
+            if args.compare_engine != "none":
+                other_log = Path(args.out).with_suffix(f".{args.compare_engine}.server.log")
+                other_proc = stack.enter_context(ServerProcess(args, adapter_root, max(args.adapters), other_log,
+                                                               args.compare_engine))
+                other = stack.enter_context(Client(f"127.0.0.1:{other_proc.port}"))
+                warm_up(args, other, prompts, adapter_ids, tokenizer, rng)
             run_peft = None if args.skip_anchor else make_anchor(args, model_dir, device, adapter_root,
                                                                  adapter_ids, prompts, tokenizer)
-            server, anchor = best_rounds(args, *measure(args, client, run_peft, prompts, adapter_ids))
+            server, anchor, second = best_rounds(args, *measure(args, client, run_peft, prompts, adapter_ids, other))
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable, *sys.argv],
@@ -429,6 +452,7 @@ def main(argv=None) -> int:
         "prompts": prompts,
         "loraserve": {str(k): v for k, v in server.items()},
         "peft": {str(k): v for k, v in anchor.items()},
+        f"engine_{args.compare_engine}": {str(k): v for k, v in second.items()},
         "ratios": {str(k): {"loraserve_vs_peft": (server[k]["best"]["tokens_per_second"]
                                                   / anchor[k]["tokens_per_second"]) if k in anchor else None,
                             "loraserve_vs_k1": (server[k]["best"]["tokens_per_second"]
@@ -436,7 +460,7 @@ def main(argv=None) -> int:
                    for k in args.adapters},
     }
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print_table(args, server, anchor)
+    print_table(args, server, anchor, second)
     print(f"\nfull results: {args.out}")
     return 0
 
