@@ -15,10 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 PROMPTS = ["Hello there", "The quick brown fox jumps", "Numbers: one two", "Once upon a time"]
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_model_dir, adapter_sources, tmp_path_factory):
+@pytest.fixture(scope="module", params=["static", "generic"])
+def srv(request, tiny_model_dir, adapter_sources, tmp_path_factory):
+    """Both engines behind the same service: the static one (Llama family) and the generic one."""
     root = copy_adapters(adapter_sources, tmp_path_factory.mktemp("root"))
-    s = RunningServer(tiny_model_dir, root, max_batch_size=16)
+    s = RunningServer(tiny_model_dir, root, max_batch_size=16, static_engine=request.param == "static",
+                      max_prefill_tokens=16)
     yield s
     s.close()
 
