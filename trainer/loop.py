@@ -4,6 +4,10 @@ The base model and its LoRA context belong to serving as much as to training, so
 pass here runs inside one device turn (core/model/turns.py), attaches the job's adapter to the
 context only for that turn, and puts everything back afterwards: ctx.train, train/eval mode and
 activation checkpointing. Between turns the model is exactly as serving left it.
+
+NF4 on a CPU: the train/eval flip only picks the path, never the weights' layout. Training passes
+run the base Linears by a differentiable dequantize; eval passes and serving run the kernel chosen at
+load (packed AVX512-BF16 or generic), which stays in place across turns (core/model/bnb_cpu.py).
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ class BaseModel:
     quantization: str
     fingerprint: str
     """Identifies the base weights' architecture and shapes; stored with trained adapters."""
+    cpu_kernel: str | None = None
+    """NF4 on a CPU: the bitsandbytes kernel its Linears run, packed or generic (fixed at load); else None."""
 
     @property
     def context_window(self) -> int:
@@ -146,6 +148,13 @@ def load_base(cfg: ModelConfig) -> BaseModel:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    cpu_kernel = None
+    if cfg.quantization == "nf4" and device.type == "cpu":
+        from loraserve.core.model.bnb_cpu import select_cpu_kernel
+
+        # Once, now: never lazily inside a serving step, and never undone by training (bnb_cpu.py).
+        cpu_kernel = select_cpu_kernel(model, cfg.cpu_kernel)
+        log.info("NF4 on CPU: bitsandbytes %s kernel", cpu_kernel)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -159,4 +168,5 @@ def load_base(cfg: ModelConfig) -> BaseModel:
         compute_dtype=compute,
         quantization=cfg.quantization,
         fingerprint=fingerprint_of(config),
+        cpu_kernel=cpu_kernel,
     )
