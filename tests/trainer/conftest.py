@@ -18,8 +18,8 @@ class Wrapped:
     wrapped: dict[str, LoraLinear]
 
 
-def load_wrapped(model_dir, quantization: str) -> Wrapped:
-    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device="cpu"))
+def load_wrapped(model_dir, quantization: str, cpu_kernel: str = "auto") -> Wrapped:
+    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device="cpu", cpu_kernel=cpu_kernel))
     ctx, wrapped = wrap_model(base.model, slots=2, max_rank=16, dtype=torch.float32, device=base.device)
     return Wrapped(base, ctx, wrapped)
 
@@ -31,8 +31,21 @@ def fp32_model(tiny_model_dir) -> Wrapped:
 
 
 @pytest.fixture(scope="session")
-def nf4_model(tiny_model_dir) -> Wrapped:
-    return load_wrapped(tiny_model_dir, "nf4")
+def nf4_models(tiny_model_dir):
+    """nf4_models(kernel): the NF4 tiny model on one bitsandbytes CPU kernel path, loaded once per path."""
+    loaded: dict[str, Wrapped] = {}
+
+    def get(kernel: str = "auto") -> Wrapped:
+        if kernel not in loaded:
+            loaded[kernel] = load_wrapped(tiny_model_dir, "nf4", kernel)
+        return loaded[kernel]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def nf4_model(nf4_models) -> Wrapped:
+    return nf4_models("auto")
 
 
 @pytest.fixture(scope="session")

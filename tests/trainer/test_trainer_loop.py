@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 
+import bitsandbytes as bnb
 import pytest
 import torch
+from cpu_kernels import assert_layout, assert_ran, count_bnb_ops, nf4_kernels
 from loraserve.core.errors import Cancelled, InvalidArgument
 from loraserve.core.lora.layer import TrainableLora
+from loraserve.core.model.bnb_cpu import dequantize_weight
 from loraserve.trainer.data import collate, parse_records, prepare
 from loraserve.trainer.events import Completed, Evaluation, Progress, Started
 from loraserve.trainer.loop import (
@@ -34,7 +38,23 @@ def run(model, records, collect=None, **overrides):
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.base.model.state_dict().items()}
+    """What the base weights mean, never a layout's bytes (bitsandbytes may hold NF4 in a CPU-packed
+    layout): every plain parameter and buffer by value, each NF4 weight dequantized, and each base
+    Linear's output on a fixed input through the kernel serving uses (eval mode, no grad)."""
+    m = model.base.model
+    state = {}
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        if not isinstance(t, bnb.nn.Params4bit) and not name.rpartition(".")[2].startswith("lora_"):
+            state[name] = t.detach().clone()  # the serving slots (lora_a/lora_b) are not the base
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in model.wrapped.items():
+        base = layer.base
+        if isinstance(base, bnb.nn.Linear4bit):
+            state[f"{name}.base.weight (dequantized)"] = dequantize_weight(base)
+        x = torch.randn(2, 3, base.in_features, generator=generator)
+        with torch.no_grad():
+            state[f"{name}.base(x)"] = base(x)
+    return state
 
 
 def assert_base_untouched(model, before):
@@ -42,9 +62,10 @@ def assert_base_untouched(model, before):
     assert model.ctx.train is None
     assert not m.training
     assert not any(p.requires_grad for p in m.parameters())
-    after = m.state_dict()
+    after = base_state(model)
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
     assert not any(getattr(x, "gradient_checkpointing", False) for x in m.modules())
     assert not getattr(m, "_require_grads_hooks", None)
 
@@ -98,13 +119,21 @@ def test_fp32_learns_the_task_and_leaves_the_base_alone(fp32_model, xyzzy):
     assert_base_untouched(fp32_model, before)
 
 
-def test_nf4_learns_with_gradient_checkpointing(nf4_model, xyzzy):
-    before = base_state(nf4_model)
-    layer = nf4_model.base.model.model.layers[0]
+@pytest.mark.parametrize("kernel", nf4_kernels())
+def test_nf4_learns_with_gradient_checkpointing(nf4_models, kernel, xyzzy, record_property):
+    model = nf4_models(kernel)
+    assert model.base.cpu_kernel == kernel
+    with count_bnb_ops() as ops:
+        before = base_state(model)
+    assert_ran(ops, kernel, record_property, "serving")
+    layer = model.base.model.model.layers[0]
     checkpointed = []  # per forward: (training pass, checkpointing on)
     hook = layer.register_forward_pre_hook(lambda m, args: checkpointed.append((m.training, m.gradient_checkpointing)))
     try:
-        result, events = run(nf4_model, xyzzy(24), epochs=3, gradient_checkpointing=True)
+        with warnings.catch_warnings():
+            # torch warns when backward meets an op without a gradient (bitsandbytes' packed kernel has none)
+            warnings.filterwarnings("error", message=".*autograd kernel was not registered")
+            result, events = run(model, xyzzy(24), epochs=3, gradient_checkpointing=True)
     finally:
         hook.remove()
     # On only for training passes (the recompute in backward shows up as a second forward).
@@ -112,7 +141,61 @@ def test_nf4_learns_with_gradient_checkpointing(nf4_model, xyzzy):
     assert {c for training, c in checkpointed if not training} == {False}
     assert_learned(events)
     assert result.metrics.eval_loss is not None
-    assert_base_untouched(nf4_model, before)
+    assert_base_untouched(model, before)
+    assert_layout(model.base.model, kernel)  # training neither unpacked nor packed anything
+
+
+@pytest.mark.parametrize("kernel", nf4_kernels())
+def test_nf4_training_gradients_flow_through_the_base(nf4_models, kernel, record_property):
+    """A training forward's gradient reaches LoRA weights below the base Linears, on either layout:
+    through bitsandbytes' dequantize path (generic) or loraserve's dequantize of the packed weight."""
+    model = nf4_models(kernel)
+    m = model.base.model
+    lower, upper = "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"
+    ids = torch.tensor([[1, 504, 2365, 6354, 16438, 27003]])
+    grads = {}
+    for path in ("model", "dequantized"):
+        torch.manual_seed(0)
+        lora = TrainableLora(rank=4, alpha=8.0, dropout=0.0, targets=[])
+        for name in (lower, upper):
+            w = model.wrapped[name]
+            lora.a[TrainableLora.key(name)] = torch.nn.Parameter(torch.randn(4, w.in_features) * 0.1)
+            lora.b[TrainableLora.key(name)] = torch.nn.Parameter(torch.randn(w.out_features, 4) * 0.1)
+        model.ctx.train = lora
+        restore = []
+        if path == "dequantized":  # the reference: every base Linear as a plain fp32 Linear
+            for w in model.wrapped.values():
+                weight = dequantize_weight(w.base)
+                restore.append((w, w.base))
+                w.base = _Plain(weight)
+        m.train()
+        try:
+            with count_bnb_ops() as ops:
+                m(input_ids=ids).logits.float().pow(2).mean().backward()
+        finally:
+            m.eval()
+            model.ctx.train = None
+            for w, b in restore:
+                w.base = b
+        grads[path] = lora.a[TrainableLora.key(lower)].grad
+        if path == "model":
+            # Training mode runs the dequantize path: the generic kernel's autograd op, or (packed) no
+            # bitsandbytes op at all, never the packed kernel, which has no backward.
+            assert ops["bitsandbytes.gemv_4bit"] == 0, dict(ops)
+            record_property("training path", dict(ops) or "dequantize of the packed weight (no bitsandbytes op)")
+    assert grads["model"].abs().max() > 0
+    # Same weights, fp32 on both sides: only summation order differs.
+    torch.testing.assert_close(grads["model"], grads["dequantized"], atol=1e-6, rtol=1e-4)
+
+
+class _Plain(torch.nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+        self.in_features = weight.shape[1]
+
+    def forward(self, x):
+        return x @ self.weight.t()
 
 
 class CountingTurns:
