@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from loraserve.core.model.config import CPU_KERNELS
 from loraserve.server.config import (
     EngineConfig,
     LoraCacheConfig,
@@ -42,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["nf4", "bf16", "fp32"], default=_env("quantization", "nf4"),
                    help="base weights: NF4 4-bit (bitsandbytes), bf16 or fp32 (default %(default)s)")
     p.add_argument("--device", default=_env("device", None), help="torch device (default: cuda if available)")
+    p.add_argument("--cpu-kernel", choices=CPU_KERNELS, default=_env("cpu-kernel", "auto"),
+                   help="NF4 on the CPU: bitsandbytes' packed AVX512-BF16 kernel or the generic one; auto picks "
+                        "packed where the CPU has it (default %(default)s)")
     p.add_argument("--adapter-root", default=_env("adapter-root", lc.adapter_root),
                    help="directory of adapters, one sub-directory per id (default %(default)s)")
     p.add_argument("--max-gpu-adapters", type=int, default=_env("max-gpu-adapters", lc.max_gpu_adapters, int),
@@ -89,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         metrics_port=a.metrics_port,
         grace_seconds=a.grace_seconds,
         per_adapter_metrics=a.per_adapter_metrics,
-        model=ModelConfig(path=a.model, quantization=a.quantization, device=a.device),
+        model=ModelConfig(path=a.model, quantization=a.quantization, device=a.device, cpu_kernel=a.cpu_kernel),
         lora=LoraCacheConfig(adapter_root=a.adapter_root, max_gpu_adapters=a.max_gpu_adapters,
                              max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank),
         engine=EngineConfig(max_batch_size=a.max_batch_size, max_queue=a.max_queue, max_new_tokens=a.max_new_tokens,

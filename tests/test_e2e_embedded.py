@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_peft_adapter
 from harness import RunningServer
+from loraserve.core.model.bnb_cpu import select_cpu_kernel
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -35,6 +36,8 @@ def test_adapter_output_equals_peft_on_the_same_nf4_base(srv, embedded_model_dir
         embedded_model_dir,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True))
+    if srv.server.base.cpu_kernel:
+        select_cpu_kernel(model, srv.server.base.cpu_kernel)  # the served base's bitsandbytes kernel, before PEFT
     model = PeftModel.from_pretrained(model, srv.registry.root / "random-r8")
     ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 from loraserve.core.errors import LoraserveError
 from loraserve.core.lora.ids import check_id
 from loraserve.core.lora.layer import wrap_model
-from loraserve.core.model.config import QUANTIZATIONS, ModelConfig
+from loraserve.core.model.config import CPU_KERNELS, QUANTIZATIONS, ModelConfig
 from loraserve.core.model.load import load_base
 from loraserve.trainer.data import prepare, read_jsonl
 from loraserve.trainer.loop import TrainingFailed, train_adapter
@@ -62,6 +62,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: embedded SmolLM2)")
     io.add_argument("--quantization", choices=QUANTIZATIONS, default="nf4", help="base weights (default: nf4)")
     io.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    io.add_argument("--cpu-kernel", choices=CPU_KERNELS, default="auto",
+                    help="NF4 on the CPU: bitsandbytes' packed AVX512-BF16 kernel or the generic one [auto]")
     group = parser.add_argument_group("training settings (defaults in brackets)")
     defaults = TrainSettings()
     for f in fields(TrainSettings):
@@ -125,7 +127,8 @@ def _target(args) -> tuple[Path, str | None]:
 
 def _load_base(args):
     try:
-        return load_base(ModelConfig(path=args.model, quantization=args.quantization, device=args.device))
+        return load_base(ModelConfig(path=args.model, quantization=args.quantization, device=args.device,
+                                     cpu_kernel=args.cpu_kernel))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise _BadInput(f"cannot load the base model: {e}") from None
 

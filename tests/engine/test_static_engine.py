@@ -11,6 +11,8 @@ import pytest
 import torch
 from loraserve.core.lora.layer import wrap_model
 from loraserve.core.lora.weights import load_weights
+from cpu_kernels import nf4_kernels
+from loraserve.core.model.bnb_cpu import select_cpu_kernel
 from loraserve.core.model.config import ModelConfig
 from loraserve.core.model.load import load_base
 from loraserve.server.engine import llama
@@ -22,10 +24,15 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 FP32_SUM_ORDER = dict(atol=1e-4, rtol=1e-4)
+# bitsandbytes' packed AVX512-BF16 kernel rounds each projection's input to bf16: an fp32 sum-order
+# difference can move an input across a rounding step (a relative 2**-8 jump of one element), which
+# the projections pass on to the logits; tests/lora/test_lora_layer.py measures and explains the bound.
+BF16_KERNEL = dict(atol=1e-2, rtol=1e-2)
 
 
-def served(model_dir, adapter_sources, quantization="fp32", slots=4, max_rank=16, device="cpu"):
-    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device=device))
+def served(model_dir, adapter_sources, quantization="fp32", slots=4, max_rank=16, device="cpu", cpu_kernel="auto"):
+    base = load_base(ModelConfig(path=str(model_dir), quantization=quantization, device=device,
+                                 cpu_kernel=cpu_kernel))
     ctx, wrapped = wrap_model(base.model, slots, max_rank, base.compute_dtype, base.device)
     return base, ctx, wrapped
 
@@ -43,7 +50,7 @@ def write_adapters(wrapped, adapter_sources, base, max_rank=16) -> list[int]:
     return ranks + [0] * (len(next(iter(wrapped.values())).lora_a) - len(ranks))
 
 
-def peft_reference(model_dir, adapter_sources, quantization="fp32", device="cpu"):
+def peft_reference(model_dir, adapter_sources, quantization="fp32", device="cpu", cpu_kernel=None):
     kw = {}
     if quantization == "nf4":
         from transformers import BitsAndBytesConfig
@@ -52,6 +59,8 @@ def peft_reference(model_dir, adapter_sources, quantization="fp32", device="cpu"
                                                        bnb_4bit_compute_dtype=torch.float32,
                                                        bnb_4bit_use_double_quant=True)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, **kw, device_map={"": device}).eval()
+    if cpu_kernel:
+        select_cpu_kernel(ref, cpu_kernel)  # PEFT's base on the very kernel the served base runs
     peft = PeftModel.from_pretrained(ref, adapter_sources / "a0", adapter_name="a0")
     for i in (1, 2):
         peft.load_adapter(adapter_sources / f"a{i}", adapter_name=f"a{i}")
@@ -112,11 +121,14 @@ def test_rows_joining_and_leaving_mid_decode_equal_peft(tiny_model_dir, adapter_
         assert got[i] == generate_ref(peft, prompt, slot, n), f"row {i} (slot {slot})"
 
 
-@pytest.mark.parametrize("quantization", ["fp32", "nf4"])
-def test_packed_forward_logits_equal_peft(tiny_model_dir, adapter_sources, quantization):
+@pytest.mark.parametrize(("quantization", "kernel"),
+                         [pytest.param("fp32", None, id="fp32"),
+                          *[pytest.param("nf4", *p.values, id=p.id, marks=p.marks) for p in nf4_kernels()]])
+def test_packed_forward_logits_equal_peft(tiny_model_dir, adapter_sources, quantization, kernel):
     """Prefill (segments) and decode (gathered) forwards of a mixed batch: logits within summation-order
-    bounds of PEFT's, one adapter at a time, on the same bitsandbytes kernels."""
-    base, ctx, wrapped = served(tiny_model_dir, adapter_sources, quantization)
+    bounds of PEFT's, one adapter at a time, on the same bitsandbytes kernel (each one this CPU has)."""
+    base, ctx, wrapped = served(tiny_model_dir, adapter_sources, quantization, cpu_kernel=kernel or "auto")
+    assert base.cpu_kernel == kernel
     ranks = write_adapters(wrapped, adapter_sources, base)
     batch = StaticBatch(base, ctx, max_rows=4, max_len=32, prefill_tokens=64)
     torch.manual_seed(5)
@@ -142,7 +154,8 @@ def test_packed_forward_logits_equal_peft(tiny_model_dir, adapter_sources, quant
                                lambda i, q, k, v: batch.cache.decode_attend(i, q, k, v, pos, int(pos.max()) + 1,
                                                                             scaling), lora)
         decode = llama.logits(batch.parts, hidden)
-    peft = peft_reference(tiny_model_dir, adapter_sources, quantization)
+    peft = peft_reference(tiny_model_dir, adapter_sources, quantization, cpu_kernel=kernel)
+    tolerance = BF16_KERNEL if kernel == "packed" else FP32_SUM_ORDER
     t = 0
     for row, (slot, p) in enumerate(zip(slots, prompts)):
         full = torch.tensor([p + [7]])
@@ -153,8 +166,8 @@ def test_packed_forward_logits_equal_peft(tiny_model_dir, adapter_sources, quant
         else:
             with peft.disable_adapter(), torch.no_grad():
                 want = peft(input_ids=full).logits[0]
-        torch.testing.assert_close(prefill[t : t + len(p)], want[:-1], **FP32_SUM_ORDER)
-        torch.testing.assert_close(decode[row], want[-1], **FP32_SUM_ORDER)
+        torch.testing.assert_close(prefill[t : t + len(p)], want[:-1], **tolerance)
+        torch.testing.assert_close(decode[row], want[-1], **tolerance)
         t += len(p)
 
 
