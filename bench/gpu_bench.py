@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds to wait for a workload")
     p.add_argument("--engine", default="", help="EngineConfig overrides, e.g. max_seq_len=512,kv_cache_fraction=0.6 "
                    "(default: the engine's defaults, except max_batch_size=--batch and a large queue)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds; once spent, the remaining measurements are skipped (recorded as such) and the "
+                        "table is printed, so a run under a hard time limit still ends with its table (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results (default: $OUT/gpu_bench.json, else gpu_bench.json)")
     a = p.parse_args(argv)
@@ -151,11 +155,20 @@ def resolve(plan, batch: int) -> list[tuple[str, int, int]]:
 
 # --- results: kept in one dict, written after every step -----------------------------------------
 
+class OverBudget(Exception):
+    pass
+
+
 class Results:
-    def __init__(self, path: str, data: dict):
+    def __init__(self, path: str, data: dict, budget: float = 0.0):
         self.path = Path(path)
         self.data = data
+        self.budget = budget
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def check_budget(self, what: str) -> None:
+        if self.budget and time.monotonic() - T0 > self.budget:
+            raise OverBudget(f"skipped: --time-budget {self.budget:.0f} s spent before {what}")
 
     def save(self) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -164,17 +177,16 @@ class Results:
 
     def attempt(self, where: dict, key: str, fn, *args, **kwargs):
         """Run one measurement; its result or its error goes to where[key]; never raises."""
-        log(f"{key}: start")
         try:
+            self.check_budget(key)
+            log(f"{key}: start")
             value = fn(*args, **kwargs)
             where[key] = value
             log(f"{key}: {brief(value)}")
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             value = None
             where[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
-            log(f"{key}: FAILED {type(e).__name__}: {e}")
+            log(f"{key}: {'SKIPPED' if isinstance(e, OverBudget) else 'FAILED'} {type(e).__name__}: {e}")
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
                 gc.collect()
                 if torch.cuda.is_available():
@@ -844,6 +856,7 @@ def run_anchors(shape: str, args, device, dtype, tokenizer, adapter_root: Path, 
                 prompts, res: Results, where: dict, weights_check: dict) -> None:
     plan = resolve(PLANS[shape]["anchors"], args.batch)
     budget = args.anchor_seconds if args.anchor_seconds is not None else (10.0 if device.type == "cuda" else 3.0)
+    res.check_budget(f"the {shape} anchors")
     log(f"{shape}: building the anchor model (a separate instance, same seed)")
     model, _, info = build_model(shape, device, dtype, args.seed)
     info["same_weights_as_loraserve"] = info["weights_check"] == weights_check
@@ -888,6 +901,7 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, res: R
     prompts = make_prompts(max(args.batch, 32), args.prompt_tokens, SHAPES[shape]["vocab_size"], args.seed + 1)
     adapter_root = tmp / shape / "adapters"
 
+    res.check_budget(f"the {shape} model")
     log(f"{shape}: building the model on {device} ({dtype}), NF4")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -911,7 +925,11 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, res: R
                           rank=args.rank, batch=args.batch, new_tokens=args.new_tokens,
                           overrides=args.engine_overrides)
         out["engine_config"] = dataclasses.asdict(serving.config)
-        log(f"{shape}: engine up: {out['engine_config']}")
+        out["engine_max_rows"] = getattr(serving.engine, "max_rows", None)
+        log(f"{shape}: engine up: {out['engine_config']}, max_rows {out['engine_max_rows']}")
+        if isinstance(out["engine_max_rows"], int) and out["engine_max_rows"] < args.batch:
+            log(f"{shape}: WARNING the engine runs at most {out['engine_max_rows']} rows, fewer than --batch "
+                f"{args.batch}: the large-batch rows measure that many at a time")
         ls = out["loraserve"]
         for name, batch, k in ls_plan:
             res.attempt(ls, name, measure_engine, serving, prompts[:batch], adapters_for(ids, batch, k),
@@ -1147,22 +1165,31 @@ def main(argv=None) -> int:
                      "rank": args.rank, "greedy": True, "eos": "disabled"},
         "bandwidth": {}, "shapes": {},
     }
-    res = Results(args.out, data)
+    res = Results(args.out, data, args.time_budget)
     res.save()
+
+    def on_term(signum, frame):
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
     log(f"results -> {res.path}")
     res.attempt(data, "bandwidth", copy_bandwidth, device)
     if not isinstance(data["bandwidth"], dict) or "gb_per_s" not in data["bandwidth"]:
         data["bandwidth"] = {**(data["bandwidth"] or {}), "gb_per_s": None}
-    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
-        for shape in args.shapes:
-            try:
-                run_shape(shape, args, device, dtype, res, Path(tmp))
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory building the model
-                data["shapes"].setdefault(shape, {})["error"] = f"{type(e).__name__}: {e}"
-                data["shapes"][shape]["traceback"] = traceback.format_exc(limit=10)
-                log(f"{shape}: FAILED {type(e).__name__}: {e}")
-                free_memory()
-            shutil_rm(Path(tmp) / shape)
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+            for shape in args.shapes:
+                try:
+                    run_shape(shape, args, device, dtype, res, Path(tmp))
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory building the model
+                    data["shapes"].setdefault(shape, {})["error"] = f"{type(e).__name__}: {e}"
+                    data["shapes"][shape]["traceback"] = traceback.format_exc(limit=10)
+                    log(f"{shape}: {'SKIPPED' if isinstance(e, OverBudget) else 'FAILED'} {type(e).__name__}: {e}")
+                    free_memory()
+                shutil_rm(Path(tmp) / shape)
+    except (KeyboardInterrupt, SystemExit) as e:  # SIGTERM (a time limit) or Ctrl-C: still print the table
+        data["interrupted"] = f"{type(e).__name__}: {e}"
+        log(f"interrupted ({e}); printing what was measured")
     rows = build_table(data, args)
     data["table"] = rows
     data["elapsed_s"] = time.monotonic() - T0
@@ -1179,7 +1206,7 @@ def main(argv=None) -> int:
         if err:
             print(f"[{shape}] FAILED: {err}")
     print_table(rows)
-    return 0
+    return 143 if data.get("interrupted") else 0
 
 
 def shutil_rm(path: Path) -> None:
