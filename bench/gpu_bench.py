@@ -356,21 +356,35 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int)
     built = time.perf_counter() - t
     quantized = quantize_nf4_inplace(model, dtype)
     sync(device)
+    wb = weight_bytes(model, config, dtype)  # before any CPU repacking below
+    cpu_kernel = None
+    if device.type == "cpu":
+        try:  # what load_base does for NF4 on a CPU: fix the bitsandbytes kernel once, at load
+            from loraserve.core.model.bnb_cpu import select_cpu_kernel
+
+            cpu_kernel = select_cpu_kernel(model, "auto")
+        except ImportError:
+            pass
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = 0
     model.config.eos_token_id = None
     free_memory()
     info = {"build_s": built, "quantize_s": time.perf_counter() - t - built, "nf4_linears": quantized,
-            "weights_check": check, "config": {k: getattr(config, k) for k in SHAPES[shape]}}
+            "weights_check": check, "config": {k: getattr(config, k) for k in SHAPES[shape]},
+            "weight_bytes": wb, "cpu_kernel": cpu_kernel}
     return model, config, info
 
 
-def base_model(model, tokenizer, config, shape: str, device: torch.device, dtype: torch.dtype, path: Path):
+def base_model(model, tokenizer, config, shape: str, device: torch.device, dtype: torch.dtype, path: Path,
+               cpu_kernel: str | None = None):
     from loraserve.core.model.load import BaseModel, fingerprint_of
 
+    extra = {}
+    if cpu_kernel is not None and "cpu_kernel" in {f.name for f in dataclasses.fields(BaseModel)}:
+        extra["cpu_kernel"] = cpu_kernel
     return BaseModel(model=model, tokenizer=tokenizer, name=f"random-llama-{shape}", path=path, device=device,
-                     compute_dtype=dtype, quantization="nf4", fingerprint=fingerprint_of(config))
+                     compute_dtype=dtype, quantization="nf4", fingerprint=fingerprint_of(config), **extra)
 
 
 def lora_targets(model) -> list[tuple[str, int, int]]:
@@ -913,14 +927,14 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, res: R
     out["adapters"] = write_adapters(adapter_root, targets, ids + cold_ids, args.rank, dtype, device, args.seed)
     log(f"{shape}: wrote {len(ids) + len(cold_ids)} adapters "
         f"({out['adapters']['bytes_each'] / 2**20:.1f} MiB each) in {out['adapters']['write_s']:.1f} s")
-    wb = weight_bytes(model, config, dtype)
+    wb = info["weight_bytes"]
     lora_each = lora_bytes_per_adapter(targets, args.rank, dtype)
     out["weight_bytes"] = {**wb, "lora_per_adapter": lora_each}
     res.save()
 
     serving = None
     try:
-        base = base_model(model, tokenizer, config, shape, device, dtype, tmp / shape)
+        base = base_model(model, tokenizer, config, shape, device, dtype, tmp / shape, info["cpu_kernel"])
         serving = Serving(base, adapter_root, slots=max(64, n_adapters), max_cpu=max(128, 2 * n_adapters),
                           rank=args.rank, batch=args.batch, new_tokens=args.new_tokens,
                           overrides=args.engine_overrides)
