@@ -1092,7 +1092,8 @@ def build_table(data: dict, args) -> list[dict]:
             steps = [("b1_adapter", "b1 one adapter"), (one, f"b{batch} one adapter"),
                      (mix_max, f"b{batch} over {batch} adapters")]
         else:
-            add(p + "b1 one adapter, tok/s", L("b1_adapter"), A("b1_base"), ratio(L("b1_adapter"), A("b1_base")),
+            add(p + "b1 one adapter, tok/s (anchor col: HF base b1)", L("b1_adapter"), A("b1_base"),
+                ratio(L("b1_adapter"), A("b1_base")),
                 B(150), value_for_bar=L("b1_adapter"), note="anchor: HF base b1 " + star("b1_base"),
                 error=E("b1_adapter"))
             add(p + f"b{batch} base, tok/s", None, A(f"b{batch}_base"), None, note="anchor only " + star(
@@ -1147,6 +1148,8 @@ def print_table(rows: list[dict]) -> None:
         anchor = fmt(r["anchor"]) + ("*" if r["note"] and "extrapolated" in r["note"] else "")
         bar = "-" if r["bar"] is None else (f">= {r['bar']}x" if "ratio vs PEFT" in r["note"] else f">= {r['bar']}")
         ok = "-" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
+        if r["error"] and r["bar"] is not None:
+            ok = "ERROR"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         print(f"| {r['metric']} | {ls} | {anchor} | {ratio} | {bar} | {ok} |")
 
