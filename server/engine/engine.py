@@ -60,6 +60,7 @@ class Engine:
         self._text_stopped: set[str] = set()  # rows whose text hit a stop sequence (found by the output thread)
         self.output = Output(self._stop_text)
         self._wake = False
+        self._rows_freed = False  # rows left the batch: waiting requests may fit now
         self._stopped = False
         self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -176,13 +177,13 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not self._wake and not len(self.batch):
+                while not (self._stopped or self._wake or len(self.batch) or (self._rows_freed and self._waiting)):
                     self._cond.wait(timeout=self._next_deadline_in())
                     if self._expired_waiting():
                         break
                 if self._stopped:
                     break
-                self._wake = False
+                self._wake = self._rows_freed = False
                 self._waiting.extend(self._incoming)
                 self._incoming.clear()
                 cancelled, self._cancelled = self._cancelled, set()
@@ -320,6 +321,7 @@ class Engine:
                 self.metrics.observe_request(timings.total_seconds, len(req.prompt_ids), row.generated,
                                              row.finish_reason)
         self.batch.remove(done)
+        self._rows_freed = True
 
     def _fail_batch(self, error: Exception) -> None:
         rows = list(self.batch.all_rows)
@@ -334,6 +336,7 @@ class Engine:
             self.output.emit(row.request, Failed(error))
             if row.slot:
                 self.registry.release_slot(row.request.adapter_id, row.slot)
+        self._rows_freed = True
 
     def _report(self) -> None:
         if self.metrics:
