@@ -27,7 +27,7 @@ from loraserve.server.engine.lora_apply import (
 )
 from loraserve.server.engine.row import Row
 from loraserve.server.engine.sampling import sample
-from loraserve.server.engine.static_cache import StaticKVCache
+from loraserve.server.engine.static_cache import PrefillPlan, StaticKVCache
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class StaticBatch:
         self.kernels = self.cuda if lora_kernels is None else lora_kernels
         self.ranks = torch.zeros(len(self.groups[0]["o"].a), dtype=torch.int32, device=self.device)  # [S]
         self._ranks_host: list[int] = []
-        self._lora: GatheredLora | None = None  # CPU decode: rebuilt when rows or slots change
+        self._lora: GatheredLora | SegmentLora | None = None  # CPU decode: rebuilt when rows or slots change
+        self._lora_rows = 0
         self.graphs = StepGraphs(self._decode_step, self._state_tensors) if (use_graphs if use_graphs is not None else self.cuda) else None
 
     def __len__(self) -> int:
@@ -174,8 +175,10 @@ class StaticBatch:
             lora = SegmentLora(self.groups, lora_segments)
         scaling = self.parts.scaling
 
+        plan = PrefillPlan(segments, dev)
+
         def attend(i, q, k, v):
-            return self.cache.prefill_attend(i, q, k, v, segments, scaling)
+            return self.cache.prefill_attend(i, q, k, v, plan, scaling)
 
         hidden = llama.forward(self.parts, ids_t, pos_t, attend, lora)
         if not done:
@@ -235,6 +238,14 @@ class StaticBatch:
             r.position += 1
         return [(r, new[r.cache_row]) for r in decoding]
 
+    def _cpu_lora(self, slots: list[int]) -> GatheredLora | SegmentLora:
+        """CPU decode, per batch composition: one plain matmul pair when every row has the same adapter
+        (PEFT's best case, no gather), else each row's weights gathered once and two bmm."""
+        if len(set(slots)) == 1:
+            return SegmentLora(self.groups, [(slots[0], 0, len(slots), self._ranks_host[slots[0]])])
+        rank = max(self._ranks_host[x] for x in slots)
+        return GatheredLora(self.groups, torch.tensor(slots, device=self.device), rank)
+
     def _decode_step(self, n: int, length: int, filtered: bool, with_lora: bool) -> None:
         """The pure step over self.state[:n]: forward, sample, advance. Captured per (n, length, ...)."""
         s = self.state
@@ -244,9 +255,8 @@ class StaticBatch:
         elif self.kernels:
             lora = TritonLora(self.groups, s.slots[:n], self.ranks)
         else:
-            if self._lora is None or self._lora.slots.shape[0] != n:
-                rank = max(self._ranks_host[int(x)] for x in s.slots[:n].tolist())
-                self._lora = GatheredLora(self.groups, s.slots[:n].clone(), rank)
+            if self._lora is None or self._lora_rows != n:
+                self._lora, self._lora_rows = self._cpu_lora(s.slots[:n].tolist()), n
             lora = self._lora
         scaling = self.parts.scaling
 

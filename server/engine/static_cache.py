@@ -58,20 +58,52 @@ class StaticKVCache:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
         return out.reshape(n, heads * d)
 
-    def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       segments: list[tuple[int, int, int, int]], scaling: float) -> torch.Tensor:
-        """Prompt chunks: segments (cache row, first position, first token, tokens) over q/k/v [T, ., D]."""
+    def prefill_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan,
+                       scaling: float) -> torch.Tensor:
+        """Prompt chunks of several rows in one attention call: q/k/v [T, ., D] -> [T, H * D].
+
+        The chunk's tokens are scattered into a padded [rows, H, C, D] query block; each row attends
+        over its own cache row up to the end of its chunk, causally with the chunk's offset."""
         heads, d = q.shape[1], q.shape[2]
-        out = torch.empty(q.shape[0], heads * d, dtype=q.dtype, device=q.device)
-        for row, start, t0, count in segments:
-            end = start + count
-            self.k[layer, row, :, start:end] = k[t0 : t0 + count].transpose(0, 1)
-            self.v[layer, row, :, start:end] = v[t0 : t0 + count].transpose(0, 1)
-            keys = self.k[layer, row : row + 1, :, :end]  # [1, KV, end, D]
-            values = self.v[layer, row : row + 1, :, :end]
-            qs = q[t0 : t0 + count].transpose(0, 1)[None]  # [1, H, count, D]
-            # Causal with an offset: query i (at position start + i) sees positions <= start + i.
-            mask = self.pos_index[:end][None, :] <= (start + self.pos_index[:count])[:, None]  # [count, end]
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
-            out[t0 : t0 + count] = o[0].transpose(0, 1).reshape(count, heads * d)
-        return out
+        self.k[layer][plan.token_rows, :, plan.token_positions] = k
+        self.v[layer][plan.token_rows, :, plan.token_positions] = v
+        keys = self.k[layer].index_select(0, plan.rows)[:, :, : plan.end]  # [R, KV, E, D]
+        values = self.v[layer].index_select(0, plan.rows)[:, :, : plan.end]
+        qp = q.new_zeros(plan.rows.shape[0], plan.width, heads, d)  # [R, C, H, D]
+        qp[plan.token_segment, plan.token_offset] = q
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=plan.mask, scale=scaling,
+                                             enable_gqa=True)  # [R, H, C, D]
+        return out.transpose(1, 2)[plan.token_segment, plan.token_offset].reshape(q.shape[0], heads * d)
+
+
+class PrefillPlan:
+    """Index tensors and the mask of one prefill chunk, built once and shared by every layer.
+
+    segments: (cache row, first position, first token, tokens) per row of the chunk."""
+
+    def __init__(self, segments: list[tuple[int, int, int, int]], device: torch.device):
+        self.width = max(count for _, _, _, count in segments)  # C: the longest chunk
+        self.end = max(start + count for _, start, _, count in segments)  # E: positions attended
+        rows, seg, off, pos, trow = [], [], [], [], []
+        for i, (row, start, _, count) in enumerate(segments):
+            rows.append(row)
+            seg += [i] * count
+            off += range(count)
+            pos += range(start, start + count)
+            trow += [row] * count
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        self.rows, self.token_segment, self.token_offset = t(rows), t(seg), t(off)
+        self.token_positions, self.token_rows = t(pos), t(trow)
+        starts = t([start for _, start, _, _ in segments])
+        counts = t([count for _, _, _, count in segments])
+        i = torch.arange(self.width, device=device)
+        j = torch.arange(self.end, device=device)
+        # Query i of row r (position start_r + i) sees keys j <= start_r + i. Padding queries (i >=
+        # count_r) see key 0 only: never an all-masked row (NaN), and their outputs are dropped.
+        causal = j[None, None, :] <= (starts[:, None, None] + i[None, :, None])  # [R, C, E]
+        padding = (i[None, :] >= counts[:, None])[:, :, None] & (j[None, None, :] == 0)
+        real = (i[None, :] < counts[:, None])[:, :, None]
+        self.mask = ((causal & real) | padding)[:, None]  # [R, 1, C, E]

@@ -19,6 +19,7 @@ from loraserve.server.engine import llama
 from loraserve.server.engine.lora_apply import GatheredLora, SegmentLora
 from loraserve.server.engine.row import Row
 from loraserve.server.engine.static_batch import StaticBatch, bucket
+from loraserve.server.engine.static_cache import PrefillPlan
 from loraserve.server.engine.types import GenerationRequest, SamplingParams
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -142,9 +143,10 @@ def test_packed_forward_logits_equal_peft(tiny_model_dir, adapter_sources, quant
     ids = torch.tensor(sum(prompts, []))
     positions = torch.tensor([i for p in prompts for i in range(len(p))])
     scaling = batch.parts.scaling
+    plan = PrefillPlan(segments, base.device)
     with torch.inference_mode():
         hidden = llama.forward(batch.parts, ids, positions,
-                               lambda i, q, k, v: batch.cache.prefill_attend(i, q, k, v, segments, scaling),
+                               lambda i, q, k, v: batch.cache.prefill_attend(i, q, k, v, plan, scaling),
                                SegmentLora(batch.groups, lora_segments))
         prefill = llama.logits(batch.parts, hidden)
         # One decode step over the four rows, each feeding token 7 at its next position.
