@@ -8,9 +8,10 @@ the registry writes slots exactly as before and a step shrinks once per group.
 Three ways to add the delta, picked per step by the batch:
 - TritonLora (CUDA): one shrink and one expand kernel per projection over a per-token slot index;
   nothing per row is copied and a slot costs its own rank (server/lora/ops.py).
-- GatheredLora (decode on CPU): each row's A and B, cut to the batch's largest rank, are gathered
-  once per batch composition and applied with two bmm; rows change far less often than steps.
-- SegmentLora (prefill on CPU): a loop over runs of tokens that share a slot.
+- GatheredLora (CPU, rows of several adapters): each row's A and B, cut to the batch's largest rank,
+  are gathered once per batch composition (rows change far less often than steps) and applied with
+  two bmm per group; a prefill chunk is padded to [rows, C, in] for that.
+- SegmentLora (CPU, every token on one adapter): one plain matmul pair per projection.
 NoLora when no token has an adapter: rows without one cost nothing.
 """
 
@@ -56,12 +57,17 @@ class NoLora:
 
 
 class GatheredLora:
-    """Decode on CPU: per-row weights gathered once per composition (cached), two bmm per group."""
+    """CPU: each row's weights gathered once per composition (cached), two bmm per group.
 
-    def __init__(self, groups: list[dict[str, Group]], slots: torch.Tensor, rank: int):
+    Decode: one token per row. Prefill: the chunk's tokens are scattered into a padded
+    [rows, C, in] block (the prefill plan's indices), so a chunk of many rows is still two bmm per
+    group, not two matmuls per row."""
+
+    def __init__(self, groups: list[dict[str, Group]], slots: torch.Tensor, rank: int, plan=None):
         self.groups = groups
-        self.slots = slots  # [N] int64
+        self.slots = slots  # [N] int64, one per row
         self.rank = rank  # the batch's largest rank; weights beyond a slot's rank are zeros
+        self.plan = plan  # PrefillPlan, or None for decode
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     def _weights(self, layer: int, name: str):
@@ -78,10 +84,17 @@ class GatheredLora:
 
     def add(self, layer, group, x, outs) -> None:
         a, bs = self._weights(layer, group)
-        h = torch.bmm(x[:, None, :].to(a.dtype), a)  # [N, 1, G*r]
+        plan = self.plan
+        if plan is None:
+            xp = x[:, None, :]  # [N, 1, in]
+        else:
+            xp = x.new_zeros(plan.rows.shape[0], plan.width, x.shape[-1])  # [R, C, in]
+            xp[plan.token_segment, plan.token_offset] = x
+        h = torch.bmm(xp.to(a.dtype), a)  # [R, C, G*r]
         r = self.rank
         for g, y in enumerate(outs):
-            y += torch.bmm(h[:, :, g * r : (g + 1) * r], bs[g])[:, 0].to(y.dtype)
+            d = torch.bmm(h[:, :, g * r : (g + 1) * r], bs[g])  # [R, C, out]
+            y += (d[:, 0] if plan is None else d[plan.token_segment, plan.token_offset]).to(y.dtype)
 
 
 class SegmentLora:

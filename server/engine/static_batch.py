@@ -167,15 +167,18 @@ class StaticBatch:
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        if not any(s for s in slots):
+        plan = PrefillPlan(segments, dev)
+        row_slots = [slot for slot, _, _, _ in lora_segments]
+        if not any(row_slots):
             lora = NoLora()
         elif self.kernels:
             lora = TritonLora(self.groups, torch.tensor(slots, dtype=torch.long, device=dev), self.ranks)
+        elif len(set(row_slots)) == 1:  # every token on one adapter: a plain matmul pair
+            lora = SegmentLora(self.groups, [(row_slots[0], 0, len(ids), slot_ranks[row_slots[0]])])
         else:
-            lora = SegmentLora(self.groups, lora_segments)
+            lora = GatheredLora(self.groups, torch.tensor(row_slots, device=dev),
+                                max(slot_ranks[x] for x in row_slots), plan)
         scaling = self.parts.scaling
-
-        plan = PrefillPlan(segments, dev)
 
         def attend(i, q, k, v):
             return self.cache.prefill_attend(i, q, k, v, plan, scaling)

@@ -67,8 +67,10 @@ class StaticKVCache:
         heads, d = q.shape[1], q.shape[2]
         self.k[layer][plan.token_rows, :, plan.token_positions] = k
         self.v[layer][plan.token_rows, :, plan.token_positions] = v
-        keys = self.k[layer].index_select(0, plan.rows)[:, :, : plan.end]  # [R, KV, E, D]
-        values = self.v[layer].index_select(0, plan.rows)[:, :, : plan.end]
+        # Cut to the chunk's E positions before gathering the rows: copying whole rows of max_len
+        # positions would cost (and, on the CPU, touch) the full cache.
+        keys = self.k[layer, :, :, : plan.end].index_select(0, plan.rows)  # [R, KV, E, D]
+        values = self.v[layer, :, :, : plan.end].index_select(0, plan.rows)
         qp = q.new_zeros(plan.rows.shape[0], plan.width, heads, d)  # [R, C, H, D]
         qp[plan.token_segment, plan.token_offset] = q
         out = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, values, attn_mask=plan.mask, scale=scaling,
