@@ -11,18 +11,25 @@ bucket pair.
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import mmap
+
 import torch
 import torch.nn.functional as F
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros; on the CPU from calloc'd pages, so a cache sized for the worst case costs memory only
-    where rows actually write (torch.zeros would touch every page)."""
-    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}.get(dtype)
-    if device.type == "cpu" and np_dtype is not None:
-        return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
-    return torch.zeros(shape, dtype=dtype, device=device)
+    """Zeros; on the CPU in anonymous memory that the kernel zero-fills page by page on first touch, so
+    a cache sized for the worst case costs memory only where rows actually write. Huge pages are
+    refused for it: one write would then zero (and keep) 2 MiB around it (NumPy's calloc, for one,
+    asks for huge pages, which cost seconds on the first prefill and gigabytes of resident memory)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, count * torch.empty((), dtype=dtype).element_size()))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
 
 class StaticKVCache:
