@@ -371,7 +371,14 @@ def machine_info(device: torch.device) -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    flags = set()
+    try:
+        flags = set(next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    # The flags that decide which kernels torch and bitsandbytes pick on this CPU.
+    relevant = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    info = {"cpu": cpu, "cpu_flags": relevant, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu}
@@ -460,6 +467,9 @@ def main(argv=None) -> int:
                    for k in args.adapters},
     }
     Path(args.out).write_text(json.dumps(results, indent=2))
+    m = results["machine"]
+    print(f"\n{m['cpu']} ({m['cpu_count']} cores; {' '.join(m['cpu_flags'])}), torch {m['torch']}, "
+          f"transformers {m['transformers']}, peft {m['peft']}, bitsandbytes {m.get('bitsandbytes', '-')}")
     print_table(args, server, anchor, second)
     print(f"\nfull results: {args.out}")
     return 0
