@@ -88,7 +88,8 @@ class StaticBatch:
         self._ranks_host: list[int] = []
         self._lora: GatheredLora | SegmentLora | None = None  # CPU decode: rebuilt when rows or slots change
         self._lora_rows = 0
-        self.graphs = StepGraphs(self._decode_step, self._state_tensors) if (use_graphs if use_graphs is not None else self.cuda) else None
+        graphs = self.cuda if use_graphs is None else use_graphs
+        self.graphs = StepGraphs(self._decode_step, self._state_tensors) if graphs else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -112,6 +113,8 @@ class StaticBatch:
             self._prefilling.append(row)
 
     def remove(self, done: list[Row]) -> None:
+        held = {id(r) for r in self.rows}
+        done = [r for r in done if id(r) in held]  # a row leaves once: its cache row is freed once
         if not done:
             return
         gone = {id(r) for r in done}
