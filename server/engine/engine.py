@@ -249,6 +249,7 @@ class Engine:
                 continue
             self._waiting.remove(req)
             seed = req.sampling.seed if req.sampling.seed is not None else new_seed()
+            seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # any uint64 the API takes, as an int64 tensor
             joining.append(Row(req, slot, TextStream(self.base.tokenizer, req.sampling.stop), seed))
             free -= 1
         if joining:

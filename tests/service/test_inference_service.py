@@ -143,3 +143,16 @@ def test_deadline_exceeded(srv):
         time.sleep(0.01)
     assert srv.engine.in_flight == 0
     assert srv.client.predict(PROMPTS[0], max_new_tokens=3).generated_tokens == 3
+
+
+def test_any_uint64_seed_samples_and_repeats_without_failing_its_neighbours(srv):
+    # A seed above 2**63 did not fit the int64 state tensors: the whole prefill chunk failed with it.
+    def call(seed):
+        return srv.client.predict(PROMPTS[2], adapter_id="a1", max_new_tokens=8, temperature=1.0, seed=seed).text
+
+    with ThreadPoolExecutor(3) as pool:
+        big = pool.submit(call, 2**64 - 1)
+        greedy = pool.submit(srv.client.predict, PROMPTS[0], max_new_tokens=8)
+        other = pool.submit(call, 2**63)
+        assert greedy.result().generated_tokens == 8
+        assert big.result() == call(2**64 - 1) and other.result() == call(2**63)
