@@ -194,7 +194,7 @@ class Engine:
                     self._admit()
                     self._prefill()
                     if len(self.batch):
-                        self._after_tokens(self.batch.decode(self.registry.slot_ranks()))
+                        self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the server
                 self._fail_batch(e)
             self._report()
@@ -267,6 +267,25 @@ class Engine:
             self.batch.remove(rows)
             self._fail_rows(rows, e)
             return
+        self._after_tokens(out)
+
+    def _decode(self) -> None:
+        """One token for every decoding row. A step that fails is retried without its newest row (which
+        fails alone), so one request that breaks the step cannot take the others down with it; only the
+        static batch can retry (its step writes at fixed positions and advances the state last)."""
+        while True:
+            try:
+                out = self.batch.decode(self.registry.slot_ranks())
+                break
+            except Exception as e:  # noqa: BLE001 - narrowed down below, then the rest fail
+                decoding = [r for r in self.batch.all_rows if r.first_token is not None]
+                if not getattr(self.batch, "retryable", False) or len(decoding) <= 1:
+                    raise
+                newest = max(decoding, key=lambda r: r.admitted)
+                log.warning("decode step failed; retrying without the newest request %s",
+                            newest.request.request_id)
+                self.batch.remove([newest])
+                self._fail_rows([newest], e)
         self._after_tokens(out)
 
     def _slot_for(self, req: GenerationRequest) -> int | None:

@@ -61,6 +61,10 @@ def bucket(n: int, limit: int, floor: int = 1) -> int:
 
 
 class StaticBatch:
+    retryable = True
+    """A failed decode step can run again without some rows: it writes K/V at fixed positions and
+    advances the state only at its end."""
+
     def __init__(self, base, ctx, max_rows: int, max_len: int, prefill_tokens: int, use_graphs: bool | None = None,
                  lora_kernels: bool | None = None):
         self.base = base
