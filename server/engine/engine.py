@@ -86,8 +86,8 @@ class Engine:
                 log.warning("KV cache: room for %d rows of %d positions; --max-batch-size %d is capped to %d",
                             fits, self.window, rows, fits)
             rows = min(rows, fits)
-        log.info("engine: static (%d rows x %d positions, %.1f GiB KV cache)", rows, self.window,
-                 rows * per_row / 2**30)
+        log.info("engine: static (%d rows x %d positions, %.1f GiB KV cache%s)", rows, self.window,
+                 rows * per_row / 2**30, "" if base.device.type == "cuda" else ", taken as rows write")
         return StaticBatch(base, ctx, rows, self.window, config.max_prefill_tokens)
 
     @property
