@@ -234,7 +234,10 @@ class Engine:
         self._finish_rows()
 
     def _finished_unstarted(self, req: GenerationRequest, reason: str) -> Finished:
+        """A request that ends while still queued: counted in the metrics like every other ending."""
         waited = time.monotonic() - req.arrival
+        if self.metrics:
+            self.metrics.observe_request(waited, len(req.prompt_ids), 0, reason)
         return Finished(reason, "", len(req.prompt_ids), 0, Timings(waited, 0.0, waited))
 
     def _admit(self) -> None:

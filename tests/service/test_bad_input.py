@@ -49,7 +49,7 @@ def test_unknown_adapter_is_not_found(srv):
     assert code_of(srv.client.delete_adapter, "nope")[0] == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize("bad_id", ["../a0", "a/b", "..", ".hidden", "-x", "a" * 129, "sp ace", "/etc"])
+@pytest.mark.parametrize("bad_id", ["../a0", "a/b", "..", ".hidden", "-x", "a" * 129, "sp ace", "/etc", "a0\n"])
 def test_malformed_adapter_id_is_invalid_argument(srv, bad_id):
     code, msg = code_of(srv.client.predict, "hi", adapter_id=bad_id, max_new_tokens=2)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in msg
