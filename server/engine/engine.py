@@ -212,13 +212,20 @@ class Engine:
         return any(r.deadline is not None and r.deadline <= now for r in self._waiting)
 
     def _drop_cancelled_and_expired(self, cancelled: set[str], text_stopped: set[str]) -> None:
+        # A deadline that has passed wins over a cancel: gRPC cancels the call when its deadline hits,
+        # and that request ended by its deadline, as the client saw (DEADLINE_EXCEEDED).
         now = time.monotonic()
+
+        def ended(req: GenerationRequest) -> str | None:
+            if req.deadline is not None and req.deadline <= now:
+                return "deadline"
+            return "cancelled" if req.request_id in cancelled else None
+
         still = []
         for req in self._waiting:
-            if req.request_id in cancelled:
-                self.output.emit(req, self._finished_unstarted(req, "cancelled"))
-            elif req.deadline is not None and req.deadline <= now:
-                self.output.emit(req, self._finished_unstarted(req, "deadline"))
+            reason = ended(req)
+            if reason:
+                self.output.emit(req, self._finished_unstarted(req, reason))
             else:
                 still.append(req)
         self._waiting = still
@@ -227,10 +234,8 @@ class Engine:
                 continue
             if row.request.request_id in text_stopped:
                 row.finish_reason = "stop"
-            elif row.request.request_id in cancelled:
-                row.finish_reason = "cancelled"
-            elif row.request.deadline is not None and row.request.deadline <= now:
-                row.finish_reason = "deadline"
+            else:
+                row.finish_reason = ended(row.request)
         self._finish_rows()
 
     def _finished_unstarted(self, req: GenerationRequest, reason: str) -> Finished:

@@ -24,7 +24,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         """Submit the request and yield its engine events; cancel it if the caller goes away."""
         adapter_id = convert.adapter_id_of(request)
         sampling = convert.sampling_of(request.sampling, self.engine.config)
-        ids = await asyncio.to_thread(render, self.tokenizer, request.prompt, convert.messages_of(request))
+        ids = await asyncio.to_thread(render, self.tokenizer, request.prompt, convert.messages_of(request),
+                                      self.engine.max_prompt_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import grpc
 import pytest
@@ -75,6 +76,16 @@ def test_broken_adapters_fail_precondition_while_others_serve(srv, name, needle)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and needle in msg
     assert srv.client.get_adapter(name).error
     assert srv.client.predict("hi", adapter_id="a0", max_new_tokens=2).generated_tokens == 2
+
+
+def test_oversized_prompt_is_refused_by_size_before_tokenizing(srv):
+    # 8 MiB tokenized in full before the length check cost seconds of CPU and gigabytes of memory.
+    start = time.monotonic()
+    code, msg = code_of(srv.client.predict, "word " * (8 << 18), max_new_tokens=4)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in msg and "511 tokens" in msg
+    code, msg = code_of(srv.client.predict, messages=[{"role": "user", "content": "x" * (8 << 20)}], max_new_tokens=4)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in msg
+    assert time.monotonic() - start < 5
 
 
 def test_prompt_and_token_limits_name_the_limit(srv):
