@@ -28,7 +28,7 @@ WHL="$REPO/.whl"
 cd "$REPO"
 
 # Packages the device lacks (or may have too old), at the versions pinned in .venv.
-CARRIED=(bitsandbytes gguf grpcio-health-checking grpcio-reflection protobuf grpcio pytest-timeout)
+CARRIED=(bitsandbytes gguf grpcio-health-checking grpcio-reflection protobuf grpcio pytest-timeout google-re2)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)
 

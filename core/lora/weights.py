@@ -1,16 +1,22 @@
 """PEFT's on-disk LoRA format: read and validate (adapter_config.json + adapter_model.safetensors), write.
 
-Everything is checked here, at load time, so the forward pass never sees a bad adapter.
+Everything is checked here, at load time, so the forward pass never sees a bad adapter. Adapter files
+are untrusted input (uploads, shared volumes): every config field is type-checked and bounded, the
+JSON is bounded in size and depth, and the regular expressions PEFT allows (target_modules as a
+string, rank_pattern / alpha_pattern keys) run on RE2, whose matching time is linear in the input,
+never on Python's backtracking `re`: a pattern cannot freeze the server.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import re2
 import torch
 from loraserve.core.errors import FailedPrecondition
 from safetensors import SafetensorError
@@ -20,6 +26,24 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PATTERN_CHARS = 512
+MAX_PATTERNS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _re2(pattern: str):
+    return re2.compile(pattern)
+
+
+def compile_pattern(pattern, what: str):
+    """An adapter config's regular expression, compiled by RE2 (linear-time matching)."""
+    if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
+        raise FailedPrecondition(f"{what} must be a regular expression of 1 to {MAX_PATTERN_CHARS} characters")
+    try:
+        return _re2(pattern)
+    except re2.error as e:
+        raise FailedPrecondition(f"{what} {pattern[:80]!r} is not a regular expression RE2 accepts: {e}") from None
 
 
 @dataclass
@@ -36,13 +60,20 @@ class AdapterSpec:
     base_model: str | None = None
     dropout: float = 0.0
 
+    def __post_init__(self):
+        # PEFT's rule: a pattern key applies to a module whose name ends with it (after a dot).
+        self._rank_res = [(compile_pattern(rf"(^|\.)(?:{k})$", "rank_pattern key"), v)
+                          for k, v in self.rank_pattern.items()]
+        self._alpha_res = [(compile_pattern(rf"(^|\.)(?:{k})$", "alpha_pattern key"), v)
+                           for k, v in self.alpha_pattern.items()]
+
     def rank_alpha(self, module: str) -> tuple[int, float]:
         rank, alpha = self.rank, self.alpha
-        for pattern, r in self.rank_pattern.items():
-            if re.search(rf"(^|\.){pattern}$", module):
+        for pattern, r in self._rank_res:
+            if pattern.search(module):
                 rank = int(r)
-        for pattern, a in self.alpha_pattern.items():
-            if re.search(rf"(^|\.){pattern}$", module):
+        for pattern, a in self._alpha_res:
+            if pattern.search(module):
                 alpha = float(a)
         return rank, alpha
 
@@ -74,11 +105,15 @@ class AdapterWeights:
 def read_spec(directory: Path) -> AdapterSpec:
     path = directory / CONFIG_FILE
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise FailedPrecondition(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise FailedPrecondition(f"{CONFIG_FILE} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FailedPrecondition(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise FailedPrecondition(f"{CONFIG_FILE} is nested too deeply") from None
     if not isinstance(raw, dict):
         raise FailedPrecondition(f"{CONFIG_FILE} must hold a JSON object")
     if raw.get("peft_type", "LORA") != "LORA":
@@ -91,32 +126,56 @@ def read_spec(directory: Path) -> AdapterSpec:
         raise FailedPrecondition(f"modules_to_save {raw['modules_to_save']} is not supported: only LoRA weights serve")
     if raw.get("layers_to_transform") is not None:
         raise FailedPrecondition("layers_to_transform is not supported")
-    try:
-        rank = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", rank))
-        targets = raw["target_modules"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise FailedPrecondition(f"{CONFIG_FILE}: missing or bad field {e}") from None
-    if rank < 1:
-        raise FailedPrecondition(f"rank r={rank} must be >= 1")
-    if not isinstance(targets, (str, list)) or not targets:
-        raise FailedPrecondition(f"{CONFIG_FILE}: target_modules must be a non-empty list or a regex string")
-    return AdapterSpec(
-        rank=rank,
-        alpha=alpha,
-        target_modules=targets,
-        task_type=str(raw.get("task_type") or "CAUSAL_LM"),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-        base_model=raw.get("base_model_name_or_path"),
-        dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
-    )
+    if "r" not in raw or "target_modules" not in raw:
+        raise FailedPrecondition(f"{CONFIG_FILE}: the fields r and target_modules are required")
+    rank = _integer(raw["r"], "r")
+    alpha = _number(raw.get("lora_alpha", rank), "lora_alpha")
+    targets = raw["target_modules"]
+    if isinstance(targets, str):
+        compile_pattern(targets, "target_modules")
+    elif not (isinstance(targets, list) and targets and len(targets) <= MAX_PATTERNS
+              and all(isinstance(t, str) and 0 < len(t) <= MAX_PATTERN_CHARS for t in targets)):
+        raise FailedPrecondition(f"{CONFIG_FILE}: target_modules must be a non-empty list of module names or a "
+                                 "regular expression string")
+    rank_pattern = {k: _integer(v, f"rank_pattern[{k[:40]!r}]") for k, v in _mapping(raw, "rank_pattern").items()}
+    alpha_pattern = {k: _number(v, f"alpha_pattern[{k[:40]!r}]") for k, v in _mapping(raw, "alpha_pattern").items()}
+    dropout = _number(raw.get("lora_dropout") or 0.0, "lora_dropout")
+    if not 0 <= dropout < 1:
+        raise FailedPrecondition(f"{CONFIG_FILE}: lora_dropout must lie in [0, 1), got {dropout}")
+    use_rslora = raw.get("use_rslora", False)
+    task_type = raw.get("task_type") or "CAUSAL_LM"
+    base_model = raw.get("base_model_name_or_path")
+    if not isinstance(use_rslora, bool) or not isinstance(task_type, str) or not isinstance(base_model, (str, type(None))):
+        raise FailedPrecondition(f"{CONFIG_FILE}: use_rslora must be a boolean, task_type and "
+                                 "base_model_name_or_path strings")
+    return AdapterSpec(rank=rank, alpha=alpha, target_modules=targets, task_type=task_type[:64],
+                       use_rslora=use_rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                       base_model=base_model, dropout=dropout)
+
+
+def _integer(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not 1 <= value <= 1 << 16:
+        raise FailedPrecondition(f"{CONFIG_FILE}: {what} must be a whole number from 1 to 65536, got {value!r:.80}")
+    return int(value)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FailedPrecondition(f"{CONFIG_FILE}: {what} must be a finite number, got {value!r:.80}")
+    return float(value)
+
+
+def _mapping(raw: dict, name: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict) or len(value) > MAX_PATTERNS:
+        raise FailedPrecondition(f"{CONFIG_FILE}: {name} must be an object of at most {MAX_PATTERNS} patterns")
+    return value
 
 
 def matches_target(module: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+        return compile_pattern(targets, "target_modules").fullmatch(module) is not None
     return any(module == t or module.endswith("." + t) for t in targets)
 
 

@@ -137,6 +137,67 @@ def test_bad_uploads(srv, adapter_sources):
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def adapter_files(adapter_sources, **change) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in (adapter_sources / "a0").iterdir() if p.name.startswith("adapter_")}
+    files["adapter_config.json"] = json.dumps({**json.loads(files["adapter_config.json"]), **change}).encode()
+    return files
+
+
+def test_backtracking_patterns_cost_linear_time(srv, adapter_sources):
+    # Each of these takes Python's re longer than minutes on a module name (it froze the whole server).
+    files = adapter_files(adapter_sources, rank_pattern={"(.*)*z": 4}, alpha_pattern={"(.|.)*z": 2.0},
+                          target_modules="(.|.)*_proj")
+    start = time.monotonic()
+    srv.client.adapters.LoadAdapter(adapter_pb2.LoadAdapterRequest(adapter_id="regex", upload={"files": files}))
+    assert srv.client.predict("hi", adapter_id="regex", max_new_tokens=2).generated_tokens == 2
+    assert time.monotonic() - start < 5
+    srv.client.adapters.DeleteAdapter(adapter_pb2.DeleteAdapterRequest(adapter_id="regex"))
+
+
+@pytest.mark.parametrize("change", [
+    {"lora_dropout": "abc"},
+    {"r": "8"},
+    {"r": float("inf")},
+    {"alpha_pattern": {"q_proj": [1]}},
+    {"rank_pattern": ["q_proj"]},
+    {"target_modules": [1, 2]},
+    {"use_rslora": "yes"},
+    {"rank_pattern": {"(?=q)": 4}},  # a lookahead: not a regular expression RE2 accepts
+])
+def test_untrusted_adapter_configs_fail_alone_and_fast(srv, adapter_sources, change):
+    """A hostile or broken adapter_config.json: FAILED_PRECONDITION in bounded time, nothing left behind,
+    and every other call (ListAdapters included) unaffected."""
+    files = adapter_files(adapter_sources, **change)
+    start = time.monotonic()
+    code, msg = code_of(srv.client.adapters.LoadAdapter,
+                        adapter_pb2.LoadAdapterRequest(adapter_id="hostile", upload={"files": files}))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and msg
+    assert time.monotonic() - start < 5
+    assert not (srv.registry.root / "hostile").exists()
+    assert [p.name for p in srv.registry.root.iterdir() if p.name.startswith(".")] == []
+    # The same file already in the root: listed with its error, the others still serve.
+    (srv.registry.root / "hostile").mkdir()
+    try:
+        for name, data in files.items():
+            (srv.registry.root / "hostile" / name).write_bytes(data)
+        listed = {a.adapter_id for a in srv.client.list_adapters()}
+        assert {"hostile", "a0"} <= listed
+        code, _ = code_of(srv.client.predict, "hi", adapter_id="hostile", max_new_tokens=2)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert srv.client.predict("hi", adapter_id="a0", max_new_tokens=2).generated_tokens == 2
+    finally:
+        shutil.rmtree(srv.registry.root / "hostile")
+        srv.registry.invalidate("hostile", forget_error=True)
+
+
+def test_deeply_nested_adapter_config_is_refused(srv, adapter_sources):
+    files = {p.name: p.read_bytes() for p in (adapter_sources / "a0").iterdir() if p.name.startswith("adapter_")}
+    files["adapter_config.json"] = b"[" * 100_000 + b"]" * 100_000
+    code, _ = code_of(srv.client.adapters.LoadAdapter,
+                      adapter_pb2.LoadAdapterRequest(adapter_id="deep", upload={"files": files}))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def test_queue_full_is_resource_exhausted(tiny_model_dir, tmp_path):
     s = RunningServer(tiny_model_dir, tmp_path, max_batch_size=1, max_queue=1)
     try:
