@@ -57,9 +57,9 @@ def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[Exampl
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise NotFound(f"data file {path} does not exist") from None
+        raise NotFound(f"data file {path.name!r} does not exist") from None
     except OSError as e:
-        raise InvalidArgument(f"data file {path} cannot be read: {e.strerror or e}") from None
+        raise InvalidArgument(f"data file {path.name!r} cannot be read: {e.strerror or type(e).__name__}") from None
     examples = []
     for number, line in enumerate(raw.splitlines(), start=1):
         source = f"line {number}"
@@ -77,7 +77,7 @@ def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[Exampl
         examples.append(parse_record(record, source))
         _check_count(len(examples), max_examples)
     if not examples:
-        raise InvalidArgument(f"data file {path} holds no examples (one JSON object per line)")
+        raise InvalidArgument(f"data file {path.name!r} holds no examples (one JSON object per line)")
     return examples
 
 

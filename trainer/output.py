@@ -94,9 +94,9 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if not os.path.lexists(target):
         return
     if not overwrite:
-        raise AlreadyExists(f"{target} already exists: choose another adapter id or overwrite it")
+        raise AlreadyExists(f"adapter {target.name!r} already exists: choose another adapter id or overwrite it")
     if target.is_symlink() or not target.is_dir():
-        raise FailedPrecondition(f"{target} exists and is not a directory: it will not be replaced")
+        raise FailedPrecondition(f"adapter {target.name!r} exists and is not a directory: it will not be replaced")
 
 
 def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:

@@ -301,7 +301,7 @@ class AdapterRegistry:
         target = Path(rel_path)
         target = (target if target.is_absolute() else self.root / target).resolve()
         if not target.is_relative_to(self.root):
-            raise InvalidArgument(f"path {rel_path!r} lies outside the adapter root {self.root}")
+            raise InvalidArgument(f"path {rel_path!r} lies outside the adapter root")
         if not (target / CONFIG_FILE).is_file():
             raise NotFound(f"no {CONFIG_FILE} in {rel_path!r}")
         link = self.root / adapter_id
