@@ -80,7 +80,8 @@ class AdapterRegistry:
         self._pins: dict[int, int] = {}
         self._loading: dict[str, Future] = {}
         self._errors: dict[str, str] = {}
-        self._evict_on_release: set[str] = set()
+        self._retired: set[int] = set()  # slots detached from their adapter, freed when their rows finish
+        self._fp: dict[str, tuple] = {}  # the files a cached copy (or a failed load) came from
         self._uploading: dict[str, int] = {}  # adapter -> slot being written
         some = next(iter(wrapped.values()), None)
         self.device = some.lora_a.device if some is not None else torch.device("cpu")
@@ -113,19 +114,40 @@ class AdapterRegistry:
 
     # --- what the engine calls -----------------------------------------------------------------
 
+    def _files(self, adapter_id: str) -> tuple | None:
+        """What identifies an adapter's files (inode, size, mtime of each); None when it is gone."""
+        path = self.path_of(adapter_id)
+        out = []
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            try:
+                st = (path / name).stat()
+            except OSError:
+                if name == CONFIG_FILE:
+                    return None
+                out.append(None)
+                continue
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
     def state(self, adapter_id: str) -> str:
-        """GPU / CPU / disk; raises NotFound or FailedPrecondition (for a failed load)."""
+        """GPU / CPU / disk; raises NotFound or FailedPrecondition (for a failed load).
+
+        The cache follows the disk, checked here at every admission (two stats): files that changed
+        drop the cached copies, so new requests get the new weights while running rows finish on the
+        old slot; files that are gone mean NOT_FOUND; a failed load is retried once its files change."""
+        files = self._files(adapter_id)
         with self._lock:
+            known = self._fp.get(adapter_id)
+            if known is not None and known != files and adapter_id not in self._loading:
+                self._forget(adapter_id)
+            if files is None:
+                raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
             if adapter_id in self._slot_of or adapter_id in self._uploading:
                 return GPU
             if adapter_id in self._cpu:
                 return CPU
             if adapter_id in self._errors:
                 raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {self._errors[adapter_id]}")
-            if adapter_id in self._loading:
-                return DISK  # no file system look-up on every step while a load is under way
-        if not self.exists(adapter_id):
-            raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
         return DISK
 
     def request_load(self, adapter_id: str) -> Future:
@@ -141,6 +163,9 @@ class AdapterRegistry:
 
     def _load_to_cpu(self, adapter_id: str) -> AdapterWeights:
         start = time.perf_counter()
+        files = self._files(adapter_id)  # before reading: a change during the load shows as a change
+        with self._lock:
+            self._fp[adapter_id] = files
         try:
             weights = load_weights(self.path_of(adapter_id), self.shapes, self.max_rank, self.dtype)
         except FailedPrecondition as e:
@@ -231,9 +256,9 @@ class AdapterRegistry:
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
                 del self._pins[slot]
-                if adapter_id in self._evict_on_release:
-                    self._evict_on_release.discard(adapter_id)
-                    self._drop_slot(adapter_id)
+                if slot in self._retired:  # its adapter changed or went away while these rows ran
+                    self._retired.discard(slot)
+                    self._free(slot)
 
     def slot_ranks(self) -> list[int]:
         return self._slot_rank
@@ -252,9 +277,12 @@ class AdapterRegistry:
     def _drop_slot(self, adapter_id: str) -> None:
         slot = self._slot_of.pop(adapter_id, None)
         if slot is not None:
-            self._slot_rank[slot] = 0
-            self._free_slots.append(slot)
-            self._report_residency()
+            self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        self._slot_rank[slot] = 0
+        self._free_slots.append(slot)
+        self._report_residency()
 
     def _trim_cpu(self) -> None:
         # Adapters in a slot keep their CPU copy only while the CPU tier has room.
@@ -354,21 +382,27 @@ class AdapterRegistry:
             self.invalidate(adapter_id, forget_error=True)
 
     def invalidate(self, adapter_id: str, forget_error: bool = False) -> None:
-        """Forget cached copies (files changed). A pinned slot is dropped when its rows finish."""
+        """Forget cached copies (files changed). A pinned slot is detached now and freed when its rows
+        finish, so new requests load the adapter anew."""
         with self._lock:
             self._cpu.pop(adapter_id, None)
+            self._fp.pop(adapter_id, None)
             if forget_error:
                 self._errors.pop(adapter_id, None)
-            slot = self._slot_of.get(adapter_id)
+            slot = self._slot_of.pop(adapter_id, None)
             if slot is not None:
                 if slot in self._pins:
-                    self._evict_on_release.add(adapter_id)
+                    self._retired.add(slot)
                 else:
-                    self._drop_slot(adapter_id)
+                    self._free(slot)
             self._report_residency()
+
+    def _forget(self, adapter_id: str) -> None:
+        self.invalidate(adapter_id, forget_error=True)
 
     def unload(self, adapter_id: str) -> AdapterInfo:
         if not self.exists(adapter_id):
+            self.invalidate(adapter_id, forget_error=True)  # files gone: nothing of it may keep serving
             raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
         self.invalidate(adapter_id, forget_error=True)
         return self.info(adapter_id)
