@@ -74,7 +74,8 @@ class LoraServer:
         limit = self.config.max_message_bytes
         self.server = grpc.aio.server(
             interceptors=[ErrorsAndMetrics(self.metrics)],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.max_concurrent_streams", self.config.max_concurrent_streams)],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, self.base.tokenizer, self.metrics), self.server)

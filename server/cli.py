@@ -78,6 +78,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-jobs", type=int,
                    default=_env("max-concurrent-jobs", TrainingConfig().max_concurrent_jobs, int),
                    help="training jobs running at once; the others queue (default %(default)s)")
+    p.add_argument("--max-train-steps", type=int,
+                   default=_env("max-train-steps", TrainingConfig().max_steps_per_job, int),
+                   help="optimizer steps one training job may plan (default %(default)s)")
+    p.add_argument("--max-train-tokens", type=int,
+                   default=_env("max-train-tokens", TrainingConfig().max_tokens_per_job, int),
+                   help="tokens one training job may plan to train on (default %(default)s)")
+    p.add_argument("--max-concurrent-streams", type=int,
+                   default=_env("max-concurrent-streams", ServerConfig().max_concurrent_streams, int),
+                   help="concurrent RPCs one client connection may have open (default %(default)s)")
     p.add_argument("--training-share", type=float,
                    default=_env("training-share", TrainingConfig().training_share, float),
                    help="share of device time training takes while requests are served (default %(default)s)")
@@ -101,7 +110,9 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                             max_seq_len=a.max_seq_len, kv_cache_fraction=a.kv_cache_fraction,
                             max_prefill_tokens=a.max_prefill_tokens, static_engine=a.engine == "static"),
         training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
-                                training_share=a.training_share),
+                                training_share=a.training_share, max_steps_per_job=a.max_train_steps,
+                                max_tokens_per_job=a.max_train_tokens),
+        max_concurrent_streams=a.max_concurrent_streams,
     )
 
 

@@ -80,12 +80,17 @@ class TrainingConfig:
     """Jobs waiting to start; beyond it Train answers RESOURCE_EXHAUSTED."""
     max_examples: int = 100_000
     """Examples accepted in one Train request."""
+    max_steps_per_job: int = 100_000
+    """Optimizer steps one job may plan (max_steps, or epochs x steps per epoch)."""
+    max_tokens_per_job: int = 1_000_000_000
+    """Tokens one job may plan to train on (steps x examples per step x their mean length)."""
     training_share: float = 0.5
     """While requests are being served, the share of device time training jobs take (split evenly
     between concurrent jobs); 1 lets them alternate with decode steps freely."""
 
     def __post_init__(self):
-        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_examples"):
+        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_examples", "max_steps_per_job",
+                     "max_tokens_per_job"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 < self.training_share <= 1:
@@ -102,6 +107,8 @@ class ServerConfig:
     grace_seconds: float = 30.0
     """On SIGTERM, how long in-flight requests may run before the process exits."""
     max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_streams: int = 256
+    """Concurrent RPCs (streams) one client connection may have open."""
     per_adapter_metrics: bool = False
     """Label request metrics with the adapter id (bounded by max_adapter_labels)."""
     max_adapter_labels: int = 100

@@ -7,6 +7,8 @@ Order: the cheap checks first (adapter id, settings against this server's limits
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,7 @@ def validate(request: TrainRequest, base, wrapped, registry, config: TrainingCon
     select_modules(wrapped, settings.target_modules)  # every target must name a layer of this model
     examples = _examples(request, config)
     data = prepare(examples, base.tokenizer, settings, base.eos_token_ids)
+    _check_budget(settings, data, config)
     if data.stats.truncated and not request.truncate:
         long = [t.source for t in data.train + data.eval if t.truncated]
         named = ", ".join(sorted(long, key=_source_order)[:TRUNCATED_NAMED])
@@ -64,6 +67,21 @@ def validate(request: TrainRequest, base, wrapped, registry, config: TrainingCon
         raise InvalidArgument(f"{named}{more}: longer than max_length={settings.max_length} tokens; shorten them, "
                               f"raise max_length (up to {base.context_window}), or set truncate to cut them")
     return ValidJob(request, settings, data)
+
+
+def _check_budget(settings: TrainSettings, data: PreparedData, config: TrainingConfig) -> None:
+    """A job's planned work is bounded before it is queued: a request cannot book the device for days."""
+    per_step = settings.batch_size * settings.gradient_accumulation_steps
+    steps = settings.max_steps or settings.epochs * math.ceil(math.ceil(len(data.train) / settings.batch_size)
+                                                              / settings.gradient_accumulation_steps)
+    if steps > config.max_steps_per_job:
+        raise InvalidArgument(f"the job plans {steps} optimizer steps; the server's --max-train-steps is "
+                              f"{config.max_steps_per_job}")
+    mean = math.ceil(data.stats.tokens / max(1, data.stats.examples))
+    tokens = steps * per_step * mean
+    if tokens > config.max_tokens_per_job:
+        raise InvalidArgument(f"the job plans about {tokens} training tokens ({steps} steps x {per_step} examples x "
+                              f"{mean} tokens); the server's --max-train-tokens is {config.max_tokens_per_job}")
 
 
 def _examples(request: TrainRequest, config: TrainingConfig):

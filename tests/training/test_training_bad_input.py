@@ -32,7 +32,8 @@ def srv(tiny_model_dir, adapter_sources, tmp_path_factory):
     (data_root / "escape.jsonl").symlink_to(data_root.parent / "outside.jsonl")
     root = copy_adapters(adapter_sources, tmp_path_factory.mktemp("root"), names=("a0",))
     s = RunningServer(tiny_model_dir, root,
-                      training=TrainingConfig(data_root=str(data_root), max_examples=6))
+                      training=TrainingConfig(data_root=str(data_root), max_examples=6, max_steps_per_job=50,
+                                              max_tokens_per_job=5000))
     forwards = []
     layer = s.server.wrapped["model.layers.0.self_attn.q_proj"]
     hook = layer.register_forward_pre_hook(lambda m, args: forwards.append(1) if m.ctx.train is not None else None)
@@ -88,6 +89,13 @@ CASES = {
     "unknown target module": (dict(examples=GOOD, settings={"target_modules": ["q_proj", "lm_head"]}),
                               "INVALID_ARGUMENT", "target_modules lm_head match no layer"),
     "malformed adapter id": (dict(adapter_id="../evil", examples=GOOD), "INVALID_ARGUMENT", "malformed"),
+    "too many steps": (dict(examples=GOOD, settings={"max_steps": 51}), "INVALID_ARGUMENT",
+                       "plans 51 optimizer steps; the server's --max-train-steps is 50"),
+    "too many epochs' steps": (dict(examples=GOOD, settings={"epochs": 60}), "INVALID_ARGUMENT",
+                               "--max-train-steps is 50"),
+    "too many tokens": (dict(examples=GOOD, settings={"max_steps": 50, "batch_size": 8,
+                                                      "gradient_accumulation_steps": 4}),
+                        "INVALID_ARGUMENT", "the server's --max-train-tokens is 5000"),
     "existing adapter": (dict(adapter_id="a0", examples=GOOD), "ALREADY_EXISTS", "set overwrite"),
 }
 
