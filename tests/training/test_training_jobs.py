@@ -12,7 +12,8 @@ from loraserve.training import Cancelled, Completed, Failed, Progress, Queued, S
 
 EXAMPLES = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(8)]
 # Far more steps than a test waits for: these jobs end only when cancelled.
-ENDLESS = {"max_steps": 1_000_000, "batch_size": 2, "eval_fraction": 0.0, "template": "plain"}
+ENDLESS = {"max_steps": 100_000,  # the default --max-train-steps; hours on a CPU
+           "batch_size": 2, "eval_fraction": 0.0, "template": "plain"}
 PROMPTS = ["Hello there", "Numbers: one two", "Once upon a time"]
 
 

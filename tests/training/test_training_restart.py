@@ -14,7 +14,8 @@ from loraserve.server.training.records import new_job_id
 from loraserve.training import Completed, Failed, Progress, Queued, Started
 
 EXAMPLES = [{"prompt": f"Question {i}: the word?", "completion": "XYZZY"} for i in range(8)]
-ENDLESS = {"max_steps": 1_000_000, "batch_size": 2, "eval_fraction": 0.0, "template": "plain"}
+ENDLESS = {"max_steps": 100_000,  # the default --max-train-steps; hours on a CPU
+           "batch_size": 2, "eval_fraction": 0.0, "template": "plain"}
 SHUTDOWN = "interrupted: the server shut down before the job finished; submit it again"
 RESTART = "interrupted by a server restart before it finished; submit it again"
 
