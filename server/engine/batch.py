@@ -12,17 +12,7 @@ import torch
 from loraserve.core.lora.layer import LoraBatch, LoraContext
 from loraserve.server.engine import kv_cache
 from loraserve.server.engine.row import Row
-from loraserve.server.engine.sampling import sample
-
-
-def sample_rows(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    dev = logits.device
-    sp = [r.request.sampling for r in rows]
-    return sample(logits, torch.tensor([s.temperature for s in sp], dtype=torch.float32, device=dev),
-                  torch.tensor([s.top_k for s in sp], device=dev),
-                  torch.tensor([s.top_p for s in sp], dtype=torch.float32, device=dev),
-                  torch.tensor([r.seed for r in rows], device=dev), torch.tensor([r.generated for r in rows], device=dev),
-                  filtered=any(s.top_k > 0 or s.top_p < 1.0 for s in sp))
+from loraserve.server.engine.sampling import sample_rows
 
 
 class RunningBatch:

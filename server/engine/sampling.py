@@ -57,6 +57,20 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
+def sample_rows(logits: torch.Tensor, rows) -> torch.Tensor:
+    """sample() for engine rows, settings read from each row: logits [N, V] -> tokens [N].
+
+    The counter is the row's tokens generated so far, so a row draws the same stream whichever
+    engine (or step) samples it."""
+    dev = logits.device
+    sp = [r.request.sampling for r in rows]
+    return sample(logits, torch.tensor([s.temperature for s in sp], dtype=torch.float32, device=dev),
+                  torch.tensor([s.top_k for s in sp], device=dev),
+                  torch.tensor([s.top_p for s in sp], dtype=torch.float32, device=dev),
+                  torch.tensor([r.seed for r in rows], device=dev), torch.tensor([r.generated for r in rows], device=dev),
+                  filtered=any(s.filters for s in sp))
+
+
 def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k values and its smallest set of values whose probability reaches top_p."""
     vocab = x.shape[-1]

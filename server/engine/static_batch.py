@@ -26,7 +26,7 @@ from loraserve.server.engine.lora_apply import (
     fuse_groups,
 )
 from loraserve.server.engine.row import Row
-from loraserve.server.engine.sampling import sample
+from loraserve.server.engine.sampling import sample, sample_rows
 from loraserve.server.engine.static_cache import PrefillPlan, StaticKVCache
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class StaticBatch:
         """Up to the token budget of pending prompt tokens; rows whose prompt completes get a first token."""
         self._sync_ranks(slot_ranks)
         budget = self.prefill_tokens
-        ids, positions, segments, lora_segments, slots, done = [], [], [], [], [], []
+        ids, positions, segments, row_slots, slots, done = [], [], [], [], [], []
         t = 0
         self.last_chunk = []
         for row in self._prefilling:
@@ -162,7 +162,7 @@ class StaticBatch:
             positions.extend(range(start, start + count))
             slots.extend([row.slot] * count)
             segments.append((row.cache_row, start, t, count))
-            lora_segments.append((row.slot, t, count, slot_ranks[row.slot]))
+            row_slots.append(row.slot)
             row.prefilled += count
             if row.prefilled == len(prompt):
                 done.append((row, t + count - 1))
@@ -175,16 +175,12 @@ class StaticBatch:
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         plan = PrefillPlan(segments, dev)
-        row_slots = [slot for slot, _, _, _ in lora_segments]
         if not any(row_slots):
             lora = NoLora()
         elif self.kernels:
             lora = TritonLora(self.groups, torch.tensor(slots, dtype=torch.long, device=dev), self.ranks)
-        elif len(set(row_slots)) == 1:  # every token on one adapter: a plain matmul pair
-            lora = SegmentLora(self.groups, [(row_slots[0], 0, len(ids), slot_ranks[row_slots[0]])])
         else:
-            lora = GatheredLora(self.groups, torch.tensor(row_slots, device=dev),
-                                max(slot_ranks[x] for x in row_slots), plan)
+            lora = self._cpu_lora(row_slots, len(ids), plan)
         scaling = self.parts.scaling
 
         def attend(i, q, k, v):
@@ -196,13 +192,7 @@ class StaticBatch:
         last = torch.tensor([t for _, t in done], dtype=torch.long, device=dev)
         rows = [r for r, _ in done]
         logits = llama.logits(self.parts, hidden.index_select(0, last))  # [D, V]
-        sp = [r.request.sampling for r in rows]
-        f32 = dict(dtype=torch.float32, device=dev)
-        i64 = dict(dtype=torch.long, device=dev)
-        tokens = sample(logits, torch.tensor([s.temperature for s in sp], **f32),
-                        torch.tensor([s.top_k for s in sp], **i64), torch.tensor([s.top_p for s in sp], **f32),
-                        torch.tensor([r.seed for r in rows], **i64), torch.zeros(len(rows), **i64),
-                        filtered=any(s.top_k > 0 or s.top_p < 1.0 for s in sp))
+        tokens = sample_rows(logits, rows)  # their first token: counter 0
         self._start_decoding(rows, tokens)
         self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.request.prompt_ids)]
         return list(zip(rows, tokens.tolist()))
@@ -235,7 +225,7 @@ class StaticBatch:
         self._sync_ranks(slot_ranks)
         top = max(r.cache_row for r in decoding) + 1
         longest = max(r.position for r in decoding) + 1
-        filtered = any(r.request.sampling.top_k > 0 or r.request.sampling.top_p < 1.0 for r in decoding)
+        filtered = any(r.request.sampling.filters for r in decoding)
         with_lora = any(r.slot for r in decoding)
         if self.graphs is not None:
             n, length = bucket(top, self.max_rows), bucket(longest, self.max_len, floor=64)
@@ -248,13 +238,14 @@ class StaticBatch:
             r.position += 1
         return [(r, new[r.cache_row]) for r in decoding]
 
-    def _cpu_lora(self, slots: list[int]) -> GatheredLora | SegmentLora:
-        """CPU decode, per batch composition: one plain matmul pair when every row has the same adapter
-        (PEFT's best case, no gather), else each row's weights gathered once and two bmm."""
-        if len(set(slots)) == 1:
-            return SegmentLora(self.groups, [(slots[0], 0, len(slots), self._ranks_host[slots[0]])])
-        rank = max(self._ranks_host[x] for x in slots)
-        return GatheredLora(self.groups, torch.tensor(slots, device=self.device), rank)
+    def _cpu_lora(self, row_slots: list[int], tokens: int, plan=None) -> GatheredLora | SegmentLora:
+        """CPU LoRA for one batch composition (a decode step's rows, or a prefill chunk's with its plan):
+        one plain matmul pair when every row has the same adapter (PEFT's best case, no gather), else
+        each row's weights gathered once and two bmm."""
+        if len(set(row_slots)) == 1:
+            return SegmentLora(self.groups, [(row_slots[0], 0, tokens, self._ranks_host[row_slots[0]])])
+        rank = max(self._ranks_host[x] for x in row_slots)
+        return GatheredLora(self.groups, torch.tensor(row_slots, device=self.device), rank, plan)
 
     def _decode_step(self, n: int, length: int, filtered: bool, with_lora: bool) -> None:
         """The pure step over self.state[:n]: forward, sample, advance. Captured per (n, length, ...)."""
@@ -266,7 +257,7 @@ class StaticBatch:
             lora = TritonLora(self.groups, s.slots[:n], self.ranks)
         else:
             if self._lora is None or self._lora_rows != n:
-                self._lora, self._lora_rows = self._cpu_lora(s.slots[:n].tolist()), n
+                self._lora, self._lora_rows = self._cpu_lora(s.slots[:n].tolist(), n), n
             lora = self._lora
         scaling = self.parts.scaling
 

@@ -18,6 +18,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p cuts the distribution (the sampler's full-vocabulary sort is then needed)."""
+        return self.top_k > 0 or self.top_p < 1.0
+
 
 @dataclass
 class Timings:

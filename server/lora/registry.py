@@ -139,7 +139,7 @@ class AdapterRegistry:
         with self._lock:
             known = self._fp.get(adapter_id)
             if known is not None and known != files and adapter_id not in self._loading:
-                self._forget(adapter_id)
+                self.invalidate(adapter_id, forget_error=True)
             if files is None:
                 raise NotFound(f"adapter {adapter_id!r} not found under the adapter root")
             if adapter_id in self._slot_of or adapter_id in self._uploading:
@@ -396,9 +396,6 @@ class AdapterRegistry:
                 else:
                     self._free(slot)
             self._report_residency()
-
-    def _forget(self, adapter_id: str) -> None:
-        self.invalidate(adapter_id, forget_error=True)
 
     def unload(self, adapter_id: str) -> AdapterInfo:
         if not self.exists(adapter_id):
