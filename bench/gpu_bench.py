@@ -939,7 +939,7 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, res: R
                           rank=args.rank, batch=args.batch, new_tokens=args.new_tokens,
                           overrides=args.engine_overrides)
         out["engine_config"] = dataclasses.asdict(serving.config)
-        out["engine_max_rows"] = getattr(serving.engine, "max_rows", None)
+        out["engine_max_rows"] = getattr(serving.engine.batch, "max_rows", None)
         log(f"{shape}: engine up: {out['engine_config']}, max_rows {out['engine_max_rows']}")
         if isinstance(out["engine_max_rows"], int) and out["engine_max_rows"] < args.batch:
             log(f"{shape}: WARNING the engine runs at most {out['engine_max_rows']} rows, fewer than --batch "

@@ -18,11 +18,13 @@ from loraserve.server.engine.sampling import sample_rows
 class RunningBatch:
     """Left-padded rows decoded together; the LoRA composition is rebuilt only when rows change."""
 
-    def __init__(self, model, ctx: LoraContext, device: torch.device, num_layers: int, prefill_tokens: int):
+    def __init__(self, model, ctx: LoraContext, device: torch.device, num_layers: int, max_rows: int,
+                 prefill_tokens: int):
         self.model = model
         self.ctx = ctx
         self.device = device
         self.num_layers = num_layers
+        self.max_rows = max_rows
         self.prefill_tokens = prefill_tokens
         self.rows: list[Row] = []  # decoding rows, in cache order
         self._pending: list[Row] = []

@@ -70,11 +70,10 @@ class Engine:
         if not config.static_engine or not llama.supports(base.model):
             log.info("engine: generic (left-padded cache, the model's own forward)")
             return RunningBatch(base.model, ctx, base.device, base.model.config.num_hidden_layers,
-                                config.max_prefill_tokens)
+                                config.max_batch_size, config.max_prefill_tokens)
         cfg = base.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         per_row = StaticKVCache.bytes_per_row(cfg.num_hidden_layers, cfg.num_key_value_heads, self.window,
-                                              head_dim, base.compute_dtype)
+                                              llama.head_dim(cfg), base.compute_dtype)
         rows = config.max_batch_size
         if base.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(base.device)
@@ -89,10 +88,6 @@ class Engine:
         log.info("engine: static (%d rows x %d positions, %.1f GiB KV cache%s)", rows, self.window,
                  rows * per_row / 2**30, "" if base.device.type == "cuda" else ", taken as rows write")
         return StaticBatch(base, ctx, rows, self.window, config.max_prefill_tokens)
-
-    @property
-    def max_rows(self) -> int:
-        return getattr(self.batch, "max_rows", self.config.max_batch_size)
 
     # --- called from other threads -------------------------------------------------------------
 
@@ -247,7 +242,7 @@ class Engine:
 
     def _admit(self) -> None:
         """Waiting requests whose adapter holds a slot take free rows; their prompts prefill in later chunks."""
-        free = self.max_rows - len(self.batch)
+        free = self.batch.max_rows - len(self.batch)
         joining: list[Row] = []
         for req in list(self._waiting):
             if free == 0:

@@ -35,6 +35,10 @@ def supports(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("model", "lm_head")) and hasattr(model.model, "rotary_emb")
 
 
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 @dataclass
 class LayerParts:
     input_norm: nn.Module
@@ -62,7 +66,7 @@ class LlamaParts:
         self.lm_head = model.lm_head
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.hidden = cfg.hidden_size
         self.vocab = cfg.vocab_size
         self.layers: list[LayerParts] = []
