@@ -27,6 +27,7 @@ from loraserve.server.metrics import Metrics
 from loraserve.server.service.adapters import AdapterService
 from loraserve.server.service.inference import InferenceService
 from loraserve.server.service.interceptors import ErrorsAndMetrics
+from loraserve.server.service.limits import RequestSizeLimits, method_limits
 from loraserve.server.service.training import TrainingService
 from loraserve.server.training.jobs import TrainingJobs
 from loraserve.v1 import (
@@ -71,10 +72,13 @@ class LoraServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
-        limit = self.config.max_message_bytes
+        limits = method_limits(self.config.max_inference_request_bytes, self.config.max_message_bytes,
+                               self.config.lora.max_upload_bytes)
         self.server = grpc.aio.server(
-            interceptors=[ErrorsAndMetrics(self.metrics)],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            # Outermost first: size limits run inside ErrorsAndMetrics, so refused requests are counted.
+            interceptors=[ErrorsAndMetrics(self.metrics), RequestSizeLimits(limits)],
+            options=[("grpc.max_receive_message_length", max(limits.values())),
+                     ("grpc.max_send_message_length", self.config.max_message_bytes),
                      ("grpc.max_concurrent_streams", self.config.max_concurrent_streams)],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(

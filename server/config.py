@@ -107,6 +107,9 @@ class ServerConfig:
     grace_seconds: float = 30.0
     """On SIGTERM, how long in-flight requests may run before the process exits."""
     max_message_bytes: int = 64 * 1024 * 1024
+    """Largest response, and largest Train request (inline examples)."""
+    max_inference_request_bytes: int = 4 * 1024 * 1024
+    """Largest Predict/PredictStream request; other methods have their own limits (service/limits.py)."""
     max_concurrent_streams: int = 256
     """Concurrent RPCs (streams) one client connection may have open."""
     per_adapter_metrics: bool = False
