@@ -5,6 +5,10 @@ Each server owns its own CollectorRegistry (several servers can live in one test
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Iterable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,6 +16,7 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
@@ -56,6 +61,10 @@ class Metrics:
         self.resident = Gauge("loraserve_adapters_resident", "Adapters resident, by tier", ["tier"], registry=r)
         self.training_jobs = Gauge("loraserve_training_jobs", "Training jobs by state", ["state"], registry=r)
         self.training_tokens = Counter("loraserve_training_tokens", "Tokens trained on", registry=r)
+        self.training_loss = Gauge("loraserve_training_loss", "Mean token loss of the latest training step "
+                                   "(of whichever job reported last)", registry=r)
+        self.lora_info = LoraRequestsInfo()
+        r.register(self.lora_info)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server; returns its port."""
@@ -115,3 +124,49 @@ class Metrics:
 
     def adapters_resident(self, tier: str, n: int) -> None:
         self.resident.labels(tier).set(n)
+
+    def observe_training_step(self, loss: float) -> None:
+        self.training_loss.set(loss)
+
+    def set_lora_requests(self, running: Iterable[str], waiting: Iterable[str], max_lora: int) -> None:
+        self.lora_info.set(running, waiting, max_lora)
+
+
+class LoraRequestsInfo:
+    """The adapters of the running batch and of the queue, in the shape of vLLM's `vllm:lora_requests_info`.
+
+    The Gateway API inference extension's endpoint picker scrapes each replica's /metrics for that
+    family (labels running_lora_adapters and waiting_lora_adapters: comma-separated ids; max_lora:
+    the number of device slots, as a string; value: a Unix time, the series with the largest one
+    is the current state) and routes a request to a replica that already runs its adapter. Exposed
+    under that name and as loraserve_lora_requests_info; one series at a time (the current state,
+    valued at the time it began), so the exposition stays small however the state changes.
+    """
+
+    NAMES = ("loraserve_lora_requests_info", "vllm:lora_requests_info")
+    LABELS = ("running_lora_adapters", "waiting_lora_adapters", "max_lora")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state = ("", "", "0")
+        self._since = time.time()
+
+    def set(self, running: Iterable[str], waiting: Iterable[str], max_lora: int) -> None:
+        state = (",".join(sorted({a for a in running if a})), ",".join(sorted({a for a in waiting if a})),
+                 str(max_lora))
+        with self._lock:
+            if state != self._state:
+                self._state, self._since = state, time.time()
+
+    def collect(self):
+        with self._lock:
+            state, since = self._state, self._since
+        for name in self.NAMES:
+            family = GaugeMetricFamily(name, "Adapters running and waiting (vLLM's lora_requests_info "
+                                       "shape); the value is when this state began (Unix time)",
+                                       labels=self.LABELS)
+            family.add_metric(list(state), since)
+            yield family
+
+    def describe(self):
+        return []

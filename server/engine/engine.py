@@ -92,6 +92,7 @@ class Engine:
     # --- called from other threads -------------------------------------------------------------
 
     def start(self) -> None:
+        self._report()  # the gauges hold their idle values (and the slot count) before the first step
         self.output.start()
         self._thread.start()
 
@@ -365,5 +366,8 @@ class Engine:
         if self.metrics:
             with self._cond:
                 queued = len(self._incoming) + len(self._waiting)
+                waiting = [r.adapter_id for r in self._incoming] + [r.adapter_id for r in self._waiting]
             self.metrics.set_queue_depth(queued)
             self.metrics.set_running(len(self.batch))
+            self.metrics.set_lora_requests((r.request.adapter_id for r in self.batch.all_rows), waiting,
+                                           len(self.registry.slot_ranks()) - 1)

@@ -242,6 +242,8 @@ class TrainingJobs:
         if isinstance(event, Completed):
             return  # the job's own completion follows once the adapter is registered
         if isinstance(event, Progress):
+            if self.metrics is not None:
+                self.metrics.observe_training_step(event.loss)
             with self._lock:
                 job.record.progress = event
         job.events.publish(JobEvent(job.job_id, time.time(), event))
