@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
-from loraserve.core.errors import InvalidArgument
 from loraserve.core.lora.ids import check_id
 from loraserve.server.config import EngineConfig
 from loraserve.server.engine.types import Finished, SamplingParams
+from loraserve.server.generation import checked_sampling
 from loraserve.server.lora.registry import CPU, DISK, GPU, AdapterInfo
 from loraserve.v1 import adapter_pb2, inference_pb2
 
@@ -25,24 +23,9 @@ def messages_of(request) -> list[tuple[str, str]]:
 
 
 def sampling_of(pb: inference_pb2.SamplingParams, config: EngineConfig) -> SamplingParams:
-    temperature = pb.temperature
-    top_p = pb.top_p if pb.HasField("top_p") else 1.0
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
-    if not math.isfinite(top_p) or not 0 < top_p <= 1:
-        raise InvalidArgument(f"top_p must lie in (0, 1], got {top_p}")
-    if len(pb.stop) > config.max_stop_sequences:
-        raise InvalidArgument(f"at most {config.max_stop_sequences} stop sequences are allowed, got {len(pb.stop)}")
-    if any(len(s) > 256 for s in pb.stop):
-        raise InvalidArgument("a stop sequence may have at most 256 characters")
-    return SamplingParams(
-        max_new_tokens=pb.max_new_tokens or config.default_max_new_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        top_k=pb.top_k,
-        seed=pb.seed if pb.HasField("seed") else None,
-        stop=tuple(s for s in pb.stop if s),
-    )
+    return checked_sampling(config, max_new_tokens=pb.max_new_tokens, temperature=pb.temperature,
+                            top_p=pb.top_p if pb.HasField("top_p") else 1.0, top_k=pb.top_k,
+                            seed=pb.seed if pb.HasField("seed") else None, stop=list(pb.stop))
 
 
 def usage_and_timings(done: Finished) -> tuple[inference_pb2.Usage, inference_pb2.Timings]:

@@ -80,12 +80,16 @@ def test_broken_adapters_fail_precondition_while_others_serve(srv, name, needle)
 
 
 def test_oversized_prompt_is_refused_by_size_before_tokenizing(srv):
-    # 8 MiB tokenized in full before the length check cost seconds of CPU and gigabytes of memory.
+    # Megabytes tokenized in full before the length check cost seconds of CPU and gigabytes of memory.
+    # Within Predict's message limit (4 MiB) the prompt's byte size is checked against the token limit;
+    # beyond it the request is refused before it is even parsed.
     start = time.monotonic()
-    code, msg = code_of(srv.client.predict, "word " * (8 << 18), max_new_tokens=4)
+    code, msg = code_of(srv.client.predict, "word " * (3 << 18), max_new_tokens=4)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in msg and "511 tokens" in msg
-    code, msg = code_of(srv.client.predict, messages=[{"role": "user", "content": "x" * (8 << 20)}], max_new_tokens=4)
+    code, msg = code_of(srv.client.predict, messages=[{"role": "user", "content": "x" * (3 << 20)}], max_new_tokens=4)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in msg
+    code, msg = code_of(srv.client.predict, "x" * (8 << 20), max_new_tokens=4)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Predict" in msg
     assert time.monotonic() - start < 5
 
 
