@@ -45,8 +45,10 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("loraserve_request_queue_seconds", "Arrival to joining the running batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.finished = Counter("loraserve_requests_finished", "Generation requests by finish reason",
-                                ["reason"], registry=r)
+        self.admitted = Counter("loraserve_requests_admitted", "Generation requests the engine accepted into its "
+                                "queue; each ends once in requests_finished", registry=r)
+        self.finished = Counter("loraserve_requests_finished", "Generation requests by finish reason: stop, "
+                                "length, cancelled, deadline, error", ["reason"], registry=r)
         self.queue_depth = Gauge("loraserve_queue_depth", "Requests waiting for a row", registry=r)
         self.running = Gauge("loraserve_running_batch_size", "Rows in the running batch", registry=r)
         self.prompt_tokens = Counter("loraserve_prompt_tokens", "Prompt tokens processed", registry=r)
@@ -96,6 +98,9 @@ class Metrics:
 
     def observe_inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
+
+    def request_admitted(self) -> None:
+        self.admitted.inc()
 
     def observe_request(self, seconds: float, prompt_tokens: int, generated: int, reason: str) -> None:
         self.e2e.observe(seconds)

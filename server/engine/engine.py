@@ -31,6 +31,7 @@ from loraserve.server.engine.sampling import new_seed
 from loraserve.server.engine.static_batch import StaticBatch
 from loraserve.server.engine.static_cache import StaticKVCache
 from loraserve.server.engine.types import (
+    DEADLINE_SLACK,
     Failed,
     Finished,
     GenerationRequest,
@@ -123,6 +124,8 @@ class Engine:
             if queued >= self.config.max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             self._incoming.append(request)
+            if self.metrics:  # under the lock: a scrape never shows more finished than admitted
+                self.metrics.request_admitted()
             self._wake = True
             self._cond.notify()
 
@@ -196,8 +199,10 @@ class Engine:
             self._report()
             with self._cond:
                 self._cond.notify_all()  # wakes wait_idle()
-        for req in list(self._waiting) + [r.request for r in self.batch.all_rows]:
-            self.output.emit(req, Failed(Unavailable("the server stopped")))
+        with self._cond:
+            left = [*self._incoming, *self._waiting]
+        for req in left + [r.request for r in self.batch.all_rows]:
+            self._fail(req, Unavailable("the server stopped"))
 
     def _next_deadline_in(self) -> float | None:
         deadlines = [r.deadline for r in self._waiting if r.deadline is not None]
@@ -209,13 +214,16 @@ class Engine:
 
     def _drop_cancelled_and_expired(self, cancelled: set[str], text_stopped: set[str]) -> None:
         # A deadline that has passed wins over a cancel: gRPC cancels the call when its deadline hits,
-        # and that request ended by its deadline, as the client saw (DEADLINE_EXCEEDED).
+        # and that request ended by its deadline, as the client saw (DEADLINE_EXCEEDED). The client's
+        # reset can beat our copy of its deadline by a hair: a cancel that close to it is the deadline.
         now = time.monotonic()
 
         def ended(req: GenerationRequest) -> str | None:
             if req.deadline is not None and req.deadline <= now:
                 return "deadline"
-            return "cancelled" if req.request_id in cancelled else None
+            if req.request_id not in cancelled:
+                return None
+            return "deadline" if req.deadline is not None and req.deadline <= now + DEADLINE_SLACK else "cancelled"
 
         still = []
         for req in self._waiting:
@@ -303,7 +311,7 @@ class Engine:
             return self.registry.acquire_slot(req.adapter_id)
         except LoraserveError as e:  # unknown, unreadable or escaping adapter: this request only
             self._waiting.remove(req)
-            self.output.emit(req, Failed(e))
+            self._fail(req, e)
             return None
 
     def _after_tokens(self, out: list[tuple[Row, int]]) -> None:
@@ -357,10 +365,17 @@ class Engine:
         if isinstance(error, torch.OutOfMemoryError):
             error = ResourceExhausted(f"out of device memory in a step of {len(rows)} request(s); retry later")
         for row in rows:
-            self.output.emit(row.request, Failed(error))
+            self._fail(row.request, error, row.generated)
             if row.slot:
                 self.registry.release_slot(row.request.adapter_id, row.slot)
         self._rows_freed = True
+
+    def _fail(self, req: GenerationRequest, error: Exception, generated: int = 0) -> None:
+        """End a request with an error; counted under the finish reason "error", so every request the
+        engine admitted shows in requests_finished_total exactly once."""
+        if self.metrics:
+            self.metrics.observe_request(time.monotonic() - req.arrival, len(req.prompt_ids), generated, "error")
+        self.output.emit(req, Failed(error))
 
     def _report(self) -> None:
         if self.metrics:

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+# A cancel that reaches the server this close to the request's deadline is taken as the deadline: the
+# client's deadline and the server's copy of it fire together, and the client's reset often arrives a
+# few milliseconds first (see server/service/deadlines.py).
+DEADLINE_SLACK = 0.05
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int

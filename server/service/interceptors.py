@@ -8,6 +8,7 @@ import time
 
 import grpc
 from loraserve.core import errors
+from loraserve.server.service.deadlines import cancel_code
 from loraserve.trainer.loop import TrainingFailed
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,6 @@ def status_of(e: BaseException) -> grpc.StatusCode:
         if isinstance(e, cls):
             return code
     return grpc.StatusCode.INTERNAL
-
-
-def _cancel_code(context) -> grpc.StatusCode:
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 async def _abort(e: Exception, context) -> None:
@@ -66,7 +62,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 try:
                     return await inner(request, context)
                 except asyncio.CancelledError:
-                    code = _cancel_code(context)
+                    code = cancel_code(context)
                     raise
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
@@ -87,7 +83,7 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
                 async for item in inner_stream(request, context):
                     yield item
             except asyncio.CancelledError:
-                code = _cancel_code(context)
+                code = cancel_code(context)
                 raise
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
