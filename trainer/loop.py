@@ -8,6 +8,11 @@ activation checkpointing. Between turns the model is exactly as serving left it.
 NF4 on a CPU: the train/eval flip only picks the path, never the weights' layout. Training passes
 run the base Linears by a differentiable dequantize; eval passes and serving run the kernel chosen at
 load (packed AVX512-BF16 or generic), which stays in place across turns (core/model/bnb_cpu.py).
+
+A run can be checkpointed and resumed (trainer.checkpoint): everything a step depends on is either
+derived from the step number (the data order: a seeded shuffle per epoch; the learning rate) or kept
+in the checkpoint (LoRA weights, AdamW state, the dropout RNG, evaluation tracking, counters), so a
+resumed run takes the same steps on the same batches as one that never stopped.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from loraserve.core.errors import Cancelled, InvalidArgument, LoraserveError
+from loraserve.core.errors import Cancelled, FailedPrecondition, InvalidArgument, LoraserveError
 from loraserve.core.lora.layer import LoraContext, LoraLinear, TrainableLora
 from loraserve.core.lora.weights import matches_target
 from loraserve.core.model.load import BaseModel
+from loraserve.trainer.checkpoint import Checkpointing, TrainState
 from loraserve.trainer.data import DataStats, PreparedData, collate
 from loraserve.trainer.events import (
     Completed,
@@ -41,6 +47,15 @@ from torch import nn
 
 class TrainingFailed(LoraserveError):
     """The run diverged (NaN or infinite loss or gradient); nothing was kept."""
+
+
+class Suspended(Cancelled):
+    """The run stopped on Checkpointing.suspend, after handing the state of its last whole step to
+    Checkpointing.save: it can resume from there."""
+
+
+class CheckpointMismatch(FailedPrecondition):
+    """A checkpoint that belongs to another run (other settings, data or base model)."""
 
 
 @dataclass
@@ -98,8 +113,10 @@ def lr_factor(step: int, warmup: int, total: int, scheduler: str) -> float:
 
 def train_adapter(base: BaseModel, ctx: LoraContext, wrapped: dict[str, LoraLinear], settings: TrainSettings,
                   dataset: PreparedData, *, turns=None, cancel: threading.Event | None = None,
-                  on_event: Callable[[object], None] | None = None) -> TrainResult:
-    """Train; raises Cancelled when `cancel` is set, TrainingFailed on divergence."""
+                  on_event: Callable[[object], None] | None = None,
+                  checkpoints: Checkpointing | None = None) -> TrainResult:
+    """Train; raises Cancelled when `cancel` is set, TrainingFailed on divergence, Suspended when
+    checkpoints.suspend is set, CheckpointMismatch when checkpoints.resume is another run's."""
     if settings.max_length > base.context_window:
         raise InvalidArgument(f"max_length must be in [8, {base.context_window}] (the model's context window), "
                               f"got {settings.max_length}")
@@ -107,14 +124,14 @@ def train_adapter(base: BaseModel, ctx: LoraContext, wrapped: dict[str, LoraLine
         raise InvalidArgument("the data set has no training examples")
     names = select_modules(wrapped, settings.target_modules)
     lora = new_lora(settings, wrapped, names, base.device)
-    return _Run(base, ctx, lora, names, settings, dataset, turns, cancel, on_event).run()
+    return _Run(base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints).run()
 
 
 class _Run:
-    def __init__(self, base, ctx, lora, names, settings, dataset, turns, cancel, on_event):
+    def __init__(self, base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints):
         self.base, self.ctx, self.lora, self.names, self.settings = base, ctx, lora, names, settings
         self.data = dataset
-        self.turns, self.cancel, self.on_event = turns, cancel, on_event
+        self.turns, self.cancel, self.on_event, self.checkpoints = turns, cancel, on_event, checkpoints
         self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
         batches = math.ceil(len(dataset.train) / settings.batch_size)
         self.steps_per_epoch = math.ceil(batches / settings.gradient_accumulation_steps)
@@ -124,44 +141,42 @@ class _Run:
                                            weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, self.total_steps, settings.lr_scheduler))
+        # The run's state after its last whole optimizer step (`done`): what a checkpoint holds.
+        self.done = 0
         self.tokens = 0
+        self.seconds = 0.0  # wall time of the sessions before a resume
+        self.started_at: float | None = None
+        # (loss sum, label tokens) of the last epoch's steps, for the final train_loss.
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.steps_per_epoch)
+        self.eval_loss: float | None = None
+        self.eval_pending = False  # stopped in the evaluation after step `done`: a resumed run evaluates first
         self.best_loss: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+        self.rng = _seeded_rng(settings.seed, base.device)
+        self._live_rng = self.rng
+        if checkpoints is not None and checkpoints.resume is not None:
+            self._restore(checkpoints.resume)
 
     def run(self) -> TrainResult:
-        started_at, start = time.time(), time.monotonic()
-        s = self.settings
+        start = time.monotonic()
+        self.started_at = self.started_at or time.time()
         self._emit(Started(self.total_steps, len(self.data.train), len(self.data.eval), self.data.stats.truncated))
-        recent = collections.deque(maxlen=self.steps_per_epoch)  # (loss sum, label tokens) per step
-        eval_loss, stopped_early, bad_evals, step = None, False, 0, 0
         try:
-            groups = self._groups()
-            for step in range(1, self.total_steps + 1):
-                lr = self.optimizer.param_groups[0]["lr"]
-                loss_sum, labels = self._train_step(step, next(groups))
-                recent.append((loss_sum, labels))
-                elapsed = time.monotonic() - start
-                self._emit(Progress(step, self.total_steps, round(step / self.steps_per_epoch, 4), loss_sum / labels,
-                                    lr, self.tokens / elapsed, elapsed / step * (self.total_steps - step)))
-                every = s.eval_steps or self.steps_per_epoch
-                if self.data.eval and (step % every == 0 or step == self.total_steps):
-                    eval_loss = self._evaluate(step)
-                    if self._improved(eval_loss):
-                        bad_evals = 0
-                    else:
-                        bad_evals += 1
-                        if s.early_stopping_patience and bad_evals >= s.early_stopping_patience:
-                            stopped_early = True
-                            break
-            if s.early_stopping_patience and self.best_state is not None:
+            try:
+                stopped_early = self._steps(start)
+            except Suspended:
+                self.checkpoints.save(self._train_state(self.seconds + time.monotonic() - start))
+                raise
+            if self.settings.early_stopping_patience and self.best_state is not None:
                 self._restore_best()  # keep the adapter that evaluated best, not the last one
-                eval_loss = self.best_loss
-            seconds = time.monotonic() - start
+                self.eval_loss = self.best_loss
+            seconds = self.seconds + time.monotonic() - start
             metrics = TrainMetrics(
-                train_loss=sum(loss for loss, _ in recent) / sum(n for _, n in recent),
-                eval_loss=eval_loss,
-                perplexity=_perplexity(eval_loss) if eval_loss is not None else None,
-                steps=step,
+                train_loss=sum(loss for loss, _ in self.recent) / sum(n for _, n in self.recent),
+                eval_loss=self.eval_loss,
+                perplexity=_perplexity(self.eval_loss) if self.eval_loss is not None else None,
+                steps=self.done,
                 tokens=self.tokens,
                 seconds=seconds,
                 tokens_per_second=self.tokens / seconds if seconds > 0 else 0.0,
@@ -174,30 +189,57 @@ class _Run:
             self._free()
         self._emit(Completed(metrics))
         return TrainResult(metrics=metrics, modules=modules, stats=self.data.stats, data_hash=self.data.data_hash,
-                           started_at=started_at, finished_at=time.time())
+                           started_at=self.started_at, finished_at=time.time())
 
-    def _groups(self):
-        """Endless (micro-batch lists per optimizer step); a new seeded shuffle every epoch."""
+    def _steps(self, start: float) -> bool:
+        """Train from step `done` to the end; returns whether early stopping ended the run."""
+        s, first, tokens_before = self.settings, self.done, self.tokens
+        if self.eval_pending and self._evaluate_and_judge(self.done):
+            return True
+        groups = self._groups(self.done)
+        while self.done < self.total_steps:
+            step = self.done + 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss_sum, labels, tokens = self._train_step(step, next(groups))
+            self.done, self.tokens, self.rng = step, self.tokens + tokens, self._live_rng
+            self.recent.append((loss_sum, labels))
+            elapsed = time.monotonic() - start
+            self._emit(Progress(step, self.total_steps, round(step / self.steps_per_epoch, 4), loss_sum / labels,
+                                lr, (self.tokens - tokens_before) / elapsed,
+                                elapsed / (step - first) * (self.total_steps - step)))
+            every = s.eval_steps or self.steps_per_epoch
+            if self.data.eval and (step % every == 0 or step == self.total_steps):
+                if self._evaluate_and_judge(step):
+                    return True
+            c = self.checkpoints
+            if c is not None and c.every_steps and step % c.every_steps == 0 and step < self.total_steps:
+                c.save(self._train_state(self.seconds + time.monotonic() - start))
+        return False
+
+    def _groups(self, start: int):
+        """Endless (micro-batch lists per optimizer step) from step `start` on. A new seeded shuffle every
+        epoch, so the batches of any step follow from its number: a resumed run skips to its place."""
         s = self.settings
-        n = len(self.data.train)
-        epoch = 0
+        n, per_step = len(self.data.train), s.gradient_accumulation_steps
+        epoch, skip = divmod(start, self.steps_per_epoch)
         while True:
             order = list(range(n))
             random.Random(f"{s.seed}:{epoch}").shuffle(order)
             batches = [order[i:i + s.batch_size] for i in range(0, n, s.batch_size)]
-            for g in range(0, len(batches), s.gradient_accumulation_steps):
-                yield [[self.data.train[i] for i in b] for b in batches[g:g + s.gradient_accumulation_steps]]
-            epoch += 1
+            for g in range(skip * per_step, len(batches), per_step):
+                yield [[self.data.train[i] for i in b] for b in batches[g:g + per_step]]
+            epoch, skip = epoch + 1, 0
 
-    def _train_step(self, step: int, group) -> tuple[float, int]:
-        """One optimizer step over its micro-batches; returns (summed token loss, label tokens)."""
+    def _train_step(self, step: int, group) -> tuple[float, int, int]:
+        """One optimizer step over its micro-batches; returns (summed token loss, label tokens, tokens)."""
         batches = [collate(b, self.pad_id) for b in group]
         # Normalise by the whole step's label tokens, so accumulation equals one large batch.
         labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        loss_sum = 0.0
+        loss_sum, tokens = 0.0, 0
+        self._live_rng = self.rng
         for k, batch in enumerate(batches):
-            self._check_cancel(step)
-            with self._turn(), self._attached(training=True):
+            self._check_stop(step)
+            with self._turn(), self._attached(training=True), self._own_rng():
                 loss = self._loss(batch)
                 value = loss.item()
                 if not math.isfinite(value):
@@ -205,10 +247,10 @@ class _Run:
                                          "lower learning_rate or check the data")
                 (loss / labels).backward()
                 loss_sum += value
-                self.tokens += int(batch["attention_mask"].sum())
+                tokens += int(batch["attention_mask"].sum())
                 if k == len(batches) - 1:
                     self._optimizer_step(step)
-        return loss_sum, labels
+        return loss_sum, labels, tokens
 
     def _optimizer_step(self, step: int) -> None:
         params = self.lora.parameters()
@@ -219,11 +261,23 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _evaluate_and_judge(self, step: int) -> bool:
+        """Evaluate after `step` and track the best loss; returns whether early stopping ends the run."""
+        self.eval_pending = True
+        self.eval_loss = self._evaluate(step)
+        self.eval_pending = False
+        if self._improved(self.eval_loss):
+            self.bad_evals = 0
+            return False
+        self.bad_evals += 1
+        patience = self.settings.early_stopping_patience
+        return bool(patience) and self.bad_evals >= patience
+
     def _evaluate(self, step: int) -> float:
         total, labels = 0.0, 0
         size = self.settings.batch_size
         for i in range(0, len(self.data.eval), size):
-            self._check_cancel(step)
+            self._check_stop(step)
             batch = collate(self.data.eval[i:i + size], self.pad_id)
             with self._turn(), self._attached(training=False), torch.no_grad():
                 total += self._loss(batch).item()
@@ -266,10 +320,27 @@ class _Run:
             model.train(was_training)
             self.ctx.train = None
 
+    @contextlib.contextmanager
+    def _own_rng(self):
+        """Dropout draws from the run's own random stream, swapped in for the turn: the same seed gives
+        the same run whatever trains beside it, and a checkpoint can hold the stream's position.
+        Nothing else draws from the process-wide generators while a turn holds the device (serving's
+        sampling keeps no RNG state)."""
+        cuda = self.base.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.base.device] if cuda else [], device_type="cuda" if cuda else None):
+            torch.set_rng_state(self._live_rng["cpu"])
+            if cuda:
+                torch.cuda.set_rng_state(self._live_rng["cuda"], self.base.device)
+            yield
+            self._live_rng = {"cpu": torch.get_rng_state(),
+                              **({"cuda": torch.cuda.get_rng_state(self.base.device)} if cuda else {})}
+
     def _turn(self):
         return self.turns.turn() if self.turns is not None else contextlib.nullcontext()
 
-    def _check_cancel(self, step: int) -> None:
+    def _check_stop(self, step: int) -> None:
+        if self.checkpoints is not None and self.checkpoints.suspend.is_set():
+            raise Suspended(f"training suspended after step {self.done} of {self.total_steps}")
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"training cancelled at step {step} of {self.total_steps}")
 
@@ -289,6 +360,70 @@ class _Run:
     def _state(self) -> dict[str, nn.Parameter]:
         return {**{"a." + k: p for k, p in self.lora.a.items()}, **{"b." + k: p for k, p in self.lora.b.items()}}
 
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        """What a checkpoint must match to be resumed by this run."""
+        return {"settings": self.settings.to_dict(), "data_sha256": self.data.data_hash,
+                "base_model": self.base.fingerprint, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch}
+
+    def _train_state(self, seconds: float) -> TrainState:
+        """The state after step `done` (a stop mid-step leaves weights and optimizer as that step began)."""
+        params = self._state()
+        names = {id(p): name for name, p in params.items()}
+        tensors = {f"lora.{name}": p.detach() for name, p in params.items()}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():  # AdamW: step, exp_avg, exp_avg_sq
+                tensors[f"adam.{key}.{names[id(p)]}"] = value
+        for name, t in (self.best_state or {}).items():
+            tensors[f"best.{name}"] = t
+        for device, state in self.rng.items():
+            tensors[f"rng.{device}"] = state
+        tensors["recent.loss"] = torch.tensor([loss for loss, _ in self.recent], dtype=torch.float64)
+        tensors["recent.labels"] = torch.tensor([n for _, n in self.recent], dtype=torch.int64)
+        info = {"step": self.done, "tokens": self.tokens, "seconds": seconds, "started_at": self.started_at,
+                "eval_loss": self.eval_loss, "eval_pending": self.eval_pending, "best_loss": self.best_loss,
+                "bad_evals": self.bad_evals, "run": self._identity()}
+        return TrainState(tensors, info)
+
+    def _restore(self, state: TrainState) -> None:
+        info, tensors = state.info, state.tensors
+        run = info.get("run") or {}
+        differ = [key for key, value in self._identity().items() if run.get(key) != value]
+        params = self._state()
+        if not differ and any(tensors.get(f"lora.{name}", torch.empty(0)).shape != p.shape
+                              for name, p in params.items()):
+            differ = ["LoRA weights"]
+        if differ:
+            raise CheckpointMismatch(f"the checkpoint at step {state.step} belongs to another run (its "
+                                     f"{', '.join(differ)} differ): it cannot be resumed here")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[f"lora.{name}"])
+        index = {id(p): i for i, p in enumerate(self.optimizer.param_groups[0]["params"])}
+        saved = self.optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                field, _, name = key.removeprefix("adam.").partition(".")
+                saved["state"].setdefault(index[id(params[name])], {})[field] = value
+        self.optimizer.load_state_dict(saved)  # moves the moments onto the parameters' device
+        # The learning rate LambdaLR would have set after `step` steps (set after the load, which resets it).
+        self.scheduler.last_epoch = state.step
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(state.step)
+        best = {key.removeprefix("best."): t.to(self.base.device) for key, t in tensors.items()
+                if key.startswith("best.")}
+        self.best_state = best or None
+        self.rng = {device: tensors.get(f"rng.{device}", seeded) for device, seeded in self.rng.items()}
+        self._live_rng = self.rng
+        self.recent.extend(zip(tensors["recent.loss"].tolist(), tensors["recent.labels"].tolist()))
+        self.done, self.tokens, self.seconds = state.step, info["tokens"], info["seconds"]
+        self.started_at = info["started_at"]
+        self.eval_loss, self.eval_pending = info["eval_loss"], info["eval_pending"]
+        self.best_loss, self.bad_evals = info["best_loss"], info["bad_evals"]
+
     def _emit(self, event) -> None:
         if self.on_event is not None:
             self.on_event(event)
@@ -300,6 +435,14 @@ class _Run:
         self.lora.a.clear()
         self.lora.b.clear()
         self.best_state = None
+
+
+def _seeded_rng(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The dropout stream's start: the settings' seed, on the CPU and on the training device."""
+    state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+    return state
 
 
 def _perplexity(loss: float) -> float:
