@@ -325,12 +325,18 @@ class AdapterRegistry:
     def register_path(self, adapter_id: str, rel_path: str) -> AdapterInfo:
         """Serve a directory that lies under the root under a (new) id, by a relative symlink."""
         check_id(adapter_id)
+        if "\x00" in rel_path:
+            raise InvalidArgument("path must not contain NUL characters")
         target = Path(rel_path)
         target = (target if target.is_absolute() else self.root / target).resolve()
         if not target.is_relative_to(self.root):
-            raise InvalidArgument(f"path {rel_path!r} lies outside the adapter root")
-        if not (target / CONFIG_FILE).is_file():
-            raise NotFound(f"no {CONFIG_FILE} in {rel_path!r}")
+            raise InvalidArgument(f"path {rel_path!r:.200} lies outside the adapter root")
+        try:
+            found = (target / CONFIG_FILE).is_file()
+        except OSError as e:  # a name the filesystem cannot hold (too long): that path names nothing
+            raise InvalidArgument(f"path {rel_path!r:.200} is not a usable directory name: {e.strerror}") from None
+        if not found:
+            raise NotFound(f"no {CONFIG_FILE} in {rel_path!r:.200}")
         link = self.root / adapter_id
         if target != link.resolve():
             if link.exists() or link.is_symlink():
