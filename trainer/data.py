@@ -74,6 +74,8 @@ def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[Exampl
             record = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"{source}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:  # json's decoder recurses per level: '[' * 100000 exhausts the stack
+            raise InvalidArgument(f"{source}: JSON nested too deeply") from None
         examples.append(parse_record(record, source))
         _check_count(len(examples), max_examples)
     if not examples:
