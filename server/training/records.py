@@ -2,6 +2,9 @@
 
 The record is plain data, written as JSON by the store; the live parts of a job (its data set, its
 cancel flag, its watchers) live in server.training.jobs and are never persisted.
+
+Format 1 grew fields over time, each with a default: a record written before a field existed reads
+with the default, and a server that predates a field ignores it.
 """
 
 from __future__ import annotations
@@ -78,11 +81,19 @@ class JobRecord:
     """The request's path under the data root; None for inline examples."""
     examples: int
     data_sha256: str
+    truncate: bool = False
+    """The request's truncate, to validate the data again when the job resumes after a restart."""
     started_at: float | None = None
     finished_at: float | None = None
     progress: Progress | None = None
     metrics: TrainMetrics | None = None
     error: str | None = None
+    checkpoint_step: int = 0
+    """Optimizer steps the job's latest checkpoint holds; 0: none."""
+    checkpoint_failures: int = 0
+    """Checkpoints that could not be written (a full disk); the job trained on, keeping the previous one."""
+    resumed_from_step: int | None = None
+    """Set when the job resumed after a server restart: the step it went on from (0: it started over)."""
     queue_position: int = field(default=0, compare=False)
     """Live only (recomputed as the queue moves); not persisted."""
 
