@@ -49,7 +49,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     """Clip the gradient's global L2 norm to this; 0 disables clipping."""
     seed: int = 42
-    """Seeds the LoRA initialisation, the train/eval split and the per-epoch shuffle."""
+    """Seeds the LoRA initialisation, the train/eval split, the per-epoch shuffle and the dropout masks."""
     eval_fraction: float = 0.1
     """Share of the examples held out for evaluation, in [0, 0.5]; 0 disables evaluation."""
     eval_steps: int = 0

@@ -31,8 +31,9 @@ class TrainingServiceStub:
     that completes registers its adapter under the adapter root: the next Predict naming it is
     served from it. Jobs run in the order they were submitted, at most the server's
     --max-concurrent-jobs at once; the rest wait in a queue. A job keeps running when the client
-    that started it disconnects: WatchTrainingJob re-attaches to it. Job records persist across
-    restarts; a job interrupted by a restart or a shutdown is reported as failed.
+    that started it disconnects: WatchTrainingJob re-attaches to it. Jobs persist across restarts:
+    a job queued or running when the server stopped (shut down or killed) queues again when it
+    starts, and a running one resumes from its last checkpoint (the server's --checkpoint-every).
     """
 
     def __init__(self, channel):
@@ -74,8 +75,9 @@ class TrainingServiceServicer:
     that completes registers its adapter under the adapter root: the next Predict naming it is
     served from it. Jobs run in the order they were submitted, at most the server's
     --max-concurrent-jobs at once; the rest wait in a queue. A job keeps running when the client
-    that started it disconnects: WatchTrainingJob re-attaches to it. Job records persist across
-    restarts; a job interrupted by a restart or a shutdown is reported as failed.
+    that started it disconnects: WatchTrainingJob re-attaches to it. Jobs persist across restarts:
+    a job queued or running when the server stopped (shut down or killed) queues again when it
+    starts, and a running one resumes from its last checkpoint (the server's --checkpoint-every).
     """
 
     def Train(self, request, context):
@@ -83,7 +85,9 @@ class TrainingServiceServicer:
         the queue position, again whenever it moves up), started, progress after every optimizer
         step, evaluation, then exactly one of completed, failed or cancelled. The first event carries
         the job id. Once the job is accepted the stream ends with OK whatever the outcome: a failed or
-        cancelled job is reported by its last event. Closing the stream does not cancel the job.
+        cancelled job is reported by its last event. Closing the stream does not cancel the job. A
+        server shutting down ends the stream of a queued or running job with UNAVAILABLE, saying that
+        the job goes on when the server is back: WatchTrainingJob re-attaches then.
 
         Status codes (all returned before any training work starts):
         - OK: the job was accepted; the events say how it ended.
@@ -141,7 +145,8 @@ class TrainingServiceServicer:
         progress events collapsed to the latest; for a job of an earlier server run, its last
         progress and its outcome), then follows the live ones until the job ends.
 
-        Status codes: OK; INVALID_ARGUMENT for a malformed job id; NOT_FOUND for an unknown one.
+        Status codes: OK; INVALID_ARGUMENT for a malformed job id; NOT_FOUND for an unknown one;
+        UNAVAILABLE when the server shuts down before the job ends (it goes on after the restart).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,8 +194,9 @@ class TrainingService:
     that completes registers its adapter under the adapter root: the next Predict naming it is
     served from it. Jobs run in the order they were submitted, at most the server's
     --max-concurrent-jobs at once; the rest wait in a queue. A job keeps running when the client
-    that started it disconnects: WatchTrainingJob re-attaches to it. Job records persist across
-    restarts; a job interrupted by a restart or a shutdown is reported as failed.
+    that started it disconnects: WatchTrainingJob re-attaches to it. Jobs persist across restarts:
+    a job queued or running when the server stopped (shut down or killed) queues again when it
+    starts, and a running one resumes from its last checkpoint (the server's --checkpoint-every).
     """
 
     @staticmethod
