@@ -20,15 +20,18 @@ from grpc_reflection.v1alpha import reflection
 from loraserve.core.lora.layer import wrap_model
 from loraserve.core.model.load import BaseModel, load_base
 from loraserve.core.model.turns import DeviceTurns
+from loraserve.server.api_keys import ApiKeys
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.lora.registry import AdapterRegistry
 from loraserve.server.metrics import Metrics
 from loraserve.server.service.adapters import AdapterService
+from loraserve.server.service.auth import Auth
 from loraserve.server.service.inference import InferenceService
 from loraserve.server.service.interceptors import ErrorsAndMetrics
 from loraserve.server.service.limits import RequestSizeLimits, method_limits
 from loraserve.server.service.training import TrainingService
+from loraserve.server.tls import CertificateFiles
 from loraserve.server.training.jobs import TrainingJobs
 from loraserve.v1 import (
     adapter_pb2,
@@ -52,6 +55,11 @@ SHUTDOWN = "interrupted: the server shut down before the job finished; submit it
 class LoraServer:
     def __init__(self, config: ServerConfig, base: BaseModel | None = None):
         self.config = config
+        security = config.security
+        # Key file and certificates are read before the model loads: a bad one fails the start at once.
+        self.api_keys = ApiKeys(security.api_keys_file, security.api_key) if security.auth else None
+        self.certificates = (CertificateFiles(security.tls_cert, security.tls_key, security.tls_client_ca)
+                             if security.tls else None)
         self.base = base or load_base(config.model)
         lora = config.lora
         self.ctx, self.wrapped = wrap_model(self.base.model, lora.max_gpu_adapters, lora.max_lora_rank,
@@ -68,15 +76,20 @@ class LoraServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        self.metrics_port = 0
+        self.metrics_host, self.metrics_port = "", 0
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
         limits = method_limits(self.config.max_inference_request_bytes, self.config.max_message_bytes,
                                self.config.lora.max_upload_bytes)
+        # Outermost first: auth and size limits run inside ErrorsAndMetrics, so refused requests are
+        # counted with their code; auth before the limits, so a caller without a key learns nothing more.
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorsAndMetrics(self.metrics)]
+        if self.api_keys is not None:
+            interceptors.append(Auth(self.api_keys))
+        interceptors.append(RequestSizeLimits(limits))
         self.server = grpc.aio.server(
-            # Outermost first: size limits run inside ErrorsAndMetrics, so refused requests are counted.
-            interceptors=[ErrorsAndMetrics(self.metrics), RequestSizeLimits(limits)],
+            interceptors=interceptors,
             options=[("grpc.max_receive_message_length", max(limits.values())),
                      ("grpc.max_send_message_length", self.config.max_message_bytes),
                      ("grpc.max_concurrent_streams", self.config.max_concurrent_streams)],
@@ -87,21 +100,34 @@ class LoraServer:
             AdapterService(self.registry, self.config.lora.max_upload_bytes), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(self.training), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.config.security.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
+        address = f"{self.config.host}:{self.config.port}"
+        if self.certificates is not None:
+            self.port = self.server.add_secure_port(address, self.certificates.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         self.engine.start()
         await self.server.start()
         if self.config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_host, self.metrics_port = self.metrics.serve(self.config.metrics_host,
+                                                                      self.config.metrics_port)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (%s) on port %d, metrics on %d", self.base.name, self.base.quantization, self.port,
+        log.info("serving %s (%s) on port %d of %s (%s), metrics on %s:%d", self.base.name,
+                 self.base.quantization, self.port, self.config.host, self._exposure(), self.metrics_host,
                  self.metrics_port)
         return self.port
+
+    def _exposure(self) -> str:
+        security = self.config.security
+        transport = ("mutual TLS" if security.tls_client_ca else "TLS") if security.tls else "plaintext"
+        keys = f"{len(self.api_keys)} API keys" if self.api_keys is not None else "no API keys: every RPC open"
+        return f"{transport}, {keys}, reflection {'on' if security.reflection else 'off'}"
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking work, let in-flight requests finish (up to the grace period), then stop."""

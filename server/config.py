@@ -97,6 +97,44 @@ class TrainingConfig:
             raise ValueError("--training-share must be in (0, 1]")
 
 
+class StartupError(Exception):
+    """A setting that cannot take effect at start (a file missing or malformed); the message names the
+    flag and the file, for the operator."""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    tls_cert: str | None = None
+    """PEM certificate chain of the server; with tls_key, gRPC is served over TLS only."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle; set, every client must present a certificate it signed (mutual TLS)."""
+    api_keys_file: str | None = None
+    """Hashed API keys, one per line (server/api_keys.py has the format); set, every RPC but health
+    and reflection needs a key holding the method's scope."""
+    api_key: str | None = field(default=None, repr=False)
+    """One plain key with every scope (LORASERVE_API_KEY), e.g. from a container secret."""
+    reflection: bool = True
+    """Serve grpc.reflection (lists the services and their messages, without a key)."""
+
+    def __post_init__(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("LORASERVE_API_KEY is set but empty")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @property
+    def auth(self) -> bool:
+        return bool(self.api_keys_file) or self.api_key is not None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -104,6 +142,8 @@ class ServerConfig:
     """gRPC port; 0 picks a free one (tests)."""
     metrics_port: int = 9400
     """HTTP port for Prometheus /metrics; 0 picks a free one, -1 disables."""
+    metrics_host: str = "127.0.0.1"
+    """Address /metrics binds: loopback unless told otherwise, since it is plain HTTP without auth."""
     grace_seconds: float = 30.0
     """On SIGTERM, how long in-flight requests may run before the process exits."""
     max_message_bytes: int = 64 * 1024 * 1024
@@ -119,3 +159,4 @@ class ServerConfig:
     lora: LoraCacheConfig = field(default_factory=LoraCacheConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)

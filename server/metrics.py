@@ -68,10 +68,10 @@ class Metrics:
         self.lora_info = LoraRequestsInfo()
         r.register(self.lora_info)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server; returns its port."""
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Start the /metrics HTTP server; returns the address it bound."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        return server.server_address[0], server.server_address[1]
 
     # --- hooks called by the engine and the registry -----------------------------------------------
 
