@@ -1,6 +1,8 @@
-"""The `loraserve` command: serve, train, finetune, health.
+"""The `loraserve` command: serve, train, finetune, health, keys.
 
-Every `serve` flag can also come from a LORASERVE_<FLAG> environment variable (read here, once).
+Every `serve` flag can also come from a LORASERVE_<FLAG> environment variable (read here, once), and
+LORASERVE_API_KEY adds one API key with every scope. The commands that talk to a server take the
+connection flags of loraserve.channel (TLS, API key).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import logging
 import os
 import sys
 
+from loraserve.channel import add_channel_arguments, channel_settings, open_channel
 from loraserve.core.model.config import CPU_KERNELS
 from loraserve.server.config import (
     EngineConfig,
     LoraCacheConfig,
     ModelConfig,
+    SecurityConfig,
     ServerConfig,
+    StartupError,
     TrainingConfig,
 )
 
@@ -38,6 +43,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=_env("port", d.port, int), help="gRPC port (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=_env("metrics-port", d.metrics_port, int),
                    help="Prometheus /metrics HTTP port; -1 disables (default %(default)s)")
+    p.add_argument("--metrics-host", default=_env("metrics-host", d.metrics_host),
+                   help="address /metrics binds: plain HTTP without auth, so loopback unless a scraper elsewhere "
+                        "needs it, e.g. 0.0.0.0 in a container (default %(default)s)")
     p.add_argument("--model", default=_env("model", None),
                    help="local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quantization", choices=["nf4", "bf16", "fp32"], default=_env("quantization", "nf4"),
@@ -93,6 +101,21 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-adapter-metrics", action="store_true", default=_env("per-adapter-metrics", False, bool),
                    help="label request metrics by adapter id (first 100 ids)")
     p.add_argument("--log-level", default=_env("log-level", "INFO"))
+    add_security_arguments(p)
+
+
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("security (README.md, Security)")
+    s.add_argument("--tls-cert", metavar="PEM", default=_env("tls-cert", None),
+                   help="server certificate chain: serve gRPC over TLS only (with --tls-key); re-read when it changes")
+    s.add_argument("--tls-key", metavar="PEM", default=_env("tls-key", None), help="private key of --tls-cert")
+    s.add_argument("--tls-client-ca", metavar="PEM", default=_env("tls-client-ca", None),
+                   help="mutual TLS: require a client certificate signed by these CAs")
+    s.add_argument("--api-keys-file", metavar="FILE", default=_env("api-keys-file", None),
+                   help="hashed API keys with scopes, one per line (`loraserve keys new` makes them); every RPC but "
+                        "health and reflection then needs a key; re-read when it changes")
+    s.add_argument("--reflection", choices=["on", "off"], default=_env("reflection", "on"),
+                   help="serve gRPC reflection, open to callers without a key (default %(default)s)")
 
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
@@ -113,6 +136,12 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                                 training_share=a.training_share, max_steps_per_job=a.max_train_steps,
                                 max_tokens_per_job=a.max_train_tokens),
         max_concurrent_streams=a.max_concurrent_streams,
+        metrics_host=a.metrics_host,
+        # An empty variable (LORASERVE_TLS_CERT= in a compose file) means unset.
+        security=SecurityConfig(tls_cert=a.tls_cert or None, tls_key=a.tls_key or None,
+                                tls_client_ca=a.tls_client_ca or None, api_keys_file=a.api_keys_file or None,
+                                api_key=os.environ.get(ENV_PREFIX + "API_KEY") or None,
+                                reflection=a.reflection == "on"),
     )
 
 
@@ -126,6 +155,7 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service", default="",
                    help="service to check, e.g. loraserve.v1.InferenceService (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default %(default)s)")
+    add_channel_arguments(p)
 
 
 def run_health(a: argparse.Namespace) -> int:
@@ -133,9 +163,12 @@ def run_health(a: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(a.address) as channel:
+        with open_channel(a.address, **channel_settings(a)) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
+    except (OSError, ValueError) as e:  # a certificate file of the flags
+        print(f"loraserve health: error: {e}", file=sys.stderr)
+        return 2
     except grpc.RpcError as e:
         print(f"{a.address} {a.service or '(server)'}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -144,25 +177,59 @@ def run_health(a: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+KEYS_HELP = "make API keys for --api-keys-file"
+
+
+def add_keys_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="keys_command", required=True)
+    new = sub.add_parser("new", help="print a fresh key (shown once) and the line to append to the keys file")
+    new.add_argument("--name", required=True, help="who holds the key; errors and per-key limits name it")
+    new.add_argument("--scopes", required=True,
+                     help="comma-separated: inference, adapters:read, adapters:write, training, or * for all")
+
+
+def run_keys(a: argparse.Namespace) -> int:
+    from loraserve.server.api_keys import check_name, key_line, new_key, parse_scopes
+
+    try:
+        scopes = parse_scopes(a.scopes)
+        check_name(a.name)
+    except ValueError as e:
+        print(f"loraserve keys new: error: {e}", file=sys.stderr)
+        return 2
+    key = new_key()
+    print(key)
+    print(key_line(key, a.name, scopes))
+    print("The first line is the key: hand it to its holder now, it is stored nowhere. Append the second line "
+          "to the --api-keys-file; the server picks it up without a restart.", file=sys.stderr)
+    return 0
+
+
+# Commands answered before the trainer's parsers below import torch: a probe runs every few seconds.
+LIGHT_COMMANDS = {"health": (HEALTH_HELP, add_health_arguments, run_health),
+                  "keys": (KEYS_HELP, add_keys_arguments, run_keys)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["health"]:
-        # A probe runs every few seconds: answer before the trainer's parsers below import torch.
-        health_parser = argparse.ArgumentParser(prog="loraserve health", description=HEALTH_HELP)
-        add_health_arguments(health_parser)
-        return run_health(health_parser.parse_args(argv[1:]))
+    if argv[:1] and argv[0] in LIGHT_COMMANDS:
+        description, add_arguments, run = LIGHT_COMMANDS[argv[0]]
+        light_parser = argparse.ArgumentParser(prog=f"loraserve {argv[0]}", description=description)
+        add_arguments(light_parser)
+        return run(light_parser.parse_args(argv[1:]))
     parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_arguments(sub.add_parser("serve", help="run the gRPC server"))
-    add_health_arguments(sub.add_parser("health", help=HEALTH_HELP))
+    for name, (description, add_arguments, _) in LIGHT_COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=description))
     from loraserve.trainer.cli import add_train_arguments, run_train
     from loraserve.trainer.finetune import add_finetune_arguments, run_finetune
 
     add_train_arguments(sub.add_parser("train", help="train a LoRA adapter offline from a JSONL file"))
     add_finetune_arguments(sub.add_parser("finetune", help="train an adapter on a running server (Train RPC)"))
     args = parser.parse_args(argv)
-    if args.command == "health":
-        return run_health(args)
+    if args.command in LIGHT_COMMANDS:
+        return LIGHT_COMMANDS[args.command][2](args)
     if args.command == "train":
         return run_train(args)
     if args.command == "finetune":
@@ -175,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     from loraserve.server.app import serve_forever
 
-    asyncio.run(serve_forever(config))
+    try:
+        asyncio.run(serve_forever(config))
+    except StartupError as e:  # a key file or certificate that does not load: the operator's to fix
+        print(f"loraserve serve: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

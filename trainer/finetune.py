@@ -19,6 +19,7 @@ from typing import Iterator, TextIO
 
 import grpc
 from loraserve import training as api
+from loraserve.channel import add_channel_arguments, channel_settings
 from loraserve.client import Client
 from loraserve.core.errors import LoraserveError
 from loraserve.trainer import events
@@ -53,12 +54,17 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, choices=CHOICES[f.name], help=SETTING_HELP[f.name])
         else:
             group.add_argument(flag, type=type(default), metavar="N", help=SETTING_HELP[f.name])
+    add_channel_arguments(parser)
 
 
 def run_finetune(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        with Client(args.server) as client:
+        client = Client(args.server, **channel_settings(args))
+    except (OSError, ValueError) as e:  # a certificate file or the API key of the connection flags
+        return _fail(err, str(e), 2)
+    try:
+        with client:
             if args.cancel:
                 job = client.cancel_training_job(args.cancel)
                 print(f"job {job.job_id}: {job.state}{f' ({job.error})' if job.error else ''}", file=out)

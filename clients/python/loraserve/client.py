@@ -3,6 +3,10 @@
     from loraserve.client import Client
     with Client("localhost:50051") as c:
         print(c.predict("Hello", adapter_id="my-task", max_new_tokens=32).text)
+
+Over TLS with an API key (add client_cert= and client_key= for a server that requires mutual TLS):
+
+    Client("loraserve.example.com:50051", root_ca="ca.pem", api_key=os.environ["LORASERVE_API_KEY"])
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 
 from loraserve import training as train_types
+from loraserve.channel import Pem, open_channel
 from loraserve.training import TrainingEvent, TrainingJob
 from loraserve.v1 import (
     adapter_pb2,
@@ -74,10 +79,16 @@ def _completion(text: str, pb) -> Completion:
 
 class Client:
     def __init__(self, target: str = "localhost:50051", channel: grpc.Channel | None = None,
-                 timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024):
-        self.channel = channel or grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+                 timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024, *, tls: bool = False,
+                 root_ca: Pem | None = None, client_cert: Pem | None = None, client_key: Pem | None = None,
+                 server_name: str | None = None, api_key: str | None = None):
+        """TLS when `tls` or a certificate is given (loraserve.channel.open_channel says how each is
+        used); `api_key` goes with every call. A ready `channel` replaces all of these."""
+        self.channel = channel or open_channel(
+            target, tls=tls, root_ca=root_ca, client_cert=client_cert, client_key=client_key,
+            server_name=server_name, api_key=api_key,
+            options=[("grpc.max_send_message_length", max_message_bytes),
+                     ("grpc.max_receive_message_length", max_message_bytes)])
         self.timeout = timeout
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapter_pb2_grpc.AdapterServiceStub(self.channel)
