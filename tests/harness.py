@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+from loraserve.channel import open_channel
 from loraserve.client import Client
 from loraserve.server.app import LoraServer
 from loraserve.server.config import (
@@ -20,11 +21,14 @@ from loraserve.server.config import (
 
 
 class RunningServer:
-    def __init__(self, model_dir: Path, adapter_root: Path, quantization: str = "fp32", **overrides):
+    def __init__(self, model_dir: Path, adapter_root: Path, quantization: str = "fp32",
+                 connect: dict | None = None, **overrides):
+        """`overrides` are ServerConfig fields (engine and lora ones too); `connect` holds open_channel's
+        settings (TLS, api_key) for the client and channel() of a server with security=SecurityConfig(...)."""
         engine = {k: overrides.pop(k) for k in list(overrides) if k in EngineConfig.__dataclass_fields__}
         lora = {k: overrides.pop(k) for k in list(overrides) if k in LoraCacheConfig.__dataclass_fields__}
+        overrides = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides}
         self.config = ServerConfig(
-            host="127.0.0.1", port=0, metrics_port=0,
             model=ModelConfig(path=str(model_dir), quantization=quantization, device="cpu"),
             lora=LoraCacheConfig(adapter_root=str(adapter_root), **{"max_gpu_adapters": 4, "max_lora_rank": 16,
                                                                     **lora}),
@@ -37,7 +41,8 @@ class RunningServer:
         self.server = self._call(self._build())
         self.port = self.server.port
         self.target = f"127.0.0.1:{self.port}"
-        self.client = Client(self.target)
+        self.connect = connect or {}
+        self.client = Client(self.target, **self.connect)
 
     async def _build(self):
         server = LoraServer(self.config)
@@ -56,7 +61,7 @@ class RunningServer:
         return self.server.registry
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
+        return open_channel(self.target, **self.connect)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=10) as r:
