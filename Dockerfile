@@ -34,11 +34,17 @@ USER loraserve
 # container starts fast and offline.
 RUN python -c "from loraserve.core.model.load import ensure_embedded_model; ensure_embedded_model()"
 
-ENV LORASERVE_ADAPTER_ROOT=/adapters LORASERVE_DATA_ROOT=/data
+# /metrics binds loopback by default; in a container it must listen on the container's interface for
+# the published port (and a cluster's Prometheus) to reach it. It is plain HTTP without auth: publish
+# 9400 only where scrapers live. gRPC is plaintext and open until LORASERVE_TLS_CERT/LORASERVE_TLS_KEY
+# and LORASERVE_API_KEYS_FILE (or LORASERVE_API_KEY) are set (README.md, Security).
+ENV LORASERVE_ADAPTER_ROOT=/adapters LORASERVE_DATA_ROOT=/data LORASERVE_METRICS_HOST=0.0.0.0
 VOLUME ["/adapters", "/data"]
 EXPOSE 50051 9400
 # grpc.health.v1 Check on 127.0.0.1:$LORASERVE_PORT (default 50051): exit 0 only when SERVING, so a
-# draining server (SIGTERM) turns unhealthy. No torch import: a plain gRPC call.
+# draining server (SIGTERM) turns unhealthy. No torch import: a plain gRPC call. Health needs no API
+# key; with TLS on, give the probe LORASERVE_CLIENT_TLS_CA (and LORASERVE_CLIENT_TLS_SERVER_NAME when
+# the certificate does not name 127.0.0.1; LORASERVE_CLIENT_TLS_CERT/_KEY under mutual TLS).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["loraserve", "health", "--timeout", "5"]
 STOPSIGNAL SIGTERM
