@@ -205,3 +205,29 @@ def test_a_data_file_changed_while_the_server_was_down_fails_the_job(tiny_model_
         second.close()
     assert events[-1].kind == Failed(f"{RESUME_FAILED}: dataset_path 'train.jsonl' changed since the job was "
                                      "submitted (sha256 differs); submit the job again")
+
+
+def test_a_job_killed_after_installing_its_adapter_is_not_trained_again(tiny_model_dir, tmp_path):
+    root = tmp_path / "adapters"
+    first = RunningServer(tiny_model_dir, root)
+    try:
+        done = list(first.client.train("installed", examples=EXAMPLES_, settings={"max_steps": 2, "template": "plain"}))
+    finally:
+        first.close()
+    job_id = done[-1].job_id
+    # What a kill between the adapter's rename into place and the record's save leaves behind.
+    record = record_of(root, job_id)
+    record.update(state="running", metrics=None, finished_at=None)
+    (root / JOBS_DIR / f"{job_id}.json").write_text(json.dumps(record))
+    (root / JOBS_DIR / job_id).mkdir()
+    (root / JOBS_DIR / job_id / EXAMPLES).write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES_))
+    weights = (root / "installed" / "adapter_model.safetensors").read_bytes()
+
+    second = RunningServer(tiny_model_dir, root)
+    try:
+        assert list(second.client.watch_training_job(job_id))[-1].kind == done[-1].kind
+        assert second.client.get_training_job(job_id).state == "succeeded"
+    finally:
+        second.close()
+    assert (root / "installed" / "adapter_model.safetensors").read_bytes() == weights
+    assert not (root / JOBS_DIR / job_id).exists()
