@@ -25,13 +25,14 @@ from loraserve.server.config import ServerConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.lora.registry import AdapterRegistry
 from loraserve.server.metrics import Metrics
+from loraserve.server.openai_http.front import OpenAIFront
 from loraserve.server.service.adapters import AdapterService
 from loraserve.server.service.auth import Auth
 from loraserve.server.service.inference import InferenceService
 from loraserve.server.service.interceptors import ErrorsAndMetrics
 from loraserve.server.service.limits import RequestSizeLimits, method_limits
 from loraserve.server.service.training import TrainingService
-from loraserve.server.tls import CertificateFiles
+from loraserve.server.tls import CertificateFiles, ReloadingSslContext
 from loraserve.server.training.jobs import TrainingJobs
 from loraserve.v1 import (
     adapter_pb2,
@@ -77,6 +78,8 @@ class LoraServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_host, self.metrics_port = "", 0
+        self.http: OpenAIFront | None = None
+        self.http_port = 0
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -116,6 +119,14 @@ class LoraServer:
         if self.config.metrics_port >= 0:
             self.metrics_host, self.metrics_port = self.metrics.serve(self.config.metrics_host,
                                                                       self.config.metrics_port)
+        if self.config.http_port >= 0:
+            # The same keys and certificate files as the gRPC port: turning HTTP on opens no way around them.
+            self.http = OpenAIFront(self.engine, self.base.tokenizer, self.metrics, self.registry, self.base.name,
+                                    self.config.max_inference_request_bytes, self.api_keys)
+            security = self.config.security
+            tls = (ReloadingSslContext(security.tls_cert, security.tls_key, security.tls_client_ca).context
+                   if security.tls else None)
+            self.http_port = await self.http.start(self.config.host, self.config.http_port, tls)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s (%s) on port %d of %s (%s), metrics on %s:%d", self.base.name,
@@ -142,6 +153,8 @@ class LoraServer:
     async def stop(self, grace: float = 0.0) -> None:
         # Jobs end before the RPCs: their records say why, and within the grace their streams say it too.
         await asyncio.to_thread(self.training.shutdown, SHUTDOWN)
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace)
         self.engine.stop()

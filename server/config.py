@@ -144,6 +144,9 @@ class ServerConfig:
     """HTTP port for Prometheus /metrics; 0 picks a free one, -1 disables."""
     metrics_host: str = "127.0.0.1"
     """Address /metrics binds: loopback unless told otherwise, since it is plain HTTP without auth."""
+    http_port: int = -1
+    """Port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on
+    `host`; -1 (default) serves none, 0 picks a free one."""
     grace_seconds: float = 30.0
     """On SIGTERM, how long in-flight requests may run before the process exits."""
     max_message_bytes: int = 64 * 1024 * 1024

@@ -103,3 +103,45 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return str(e) or type(e).__name__
+
+
+class ReloadingSslContext:
+    """The same PEM files for the HTTP front, as Python's ssl sees them, re-read when they change.
+
+    OpenSSL calls the SNI callback at every handshake (with server_name None when the client sent
+    none); it checks the files' identity and hands the connection the newest context that loaded, so
+    the HTTP port rotates certificates exactly as the gRPC port does.
+    """
+
+    def __init__(self, cert: str, key: str, client_ca: str | None):
+        self.paths = (cert, key, client_ca)
+        self._identity = self._stat()
+        self._current = self._build()
+        self.context = self._build()  # the listener's; only its callback is used after the handshake starts
+        self.context.sni_callback = self._pick
+
+    def _stat(self) -> Identity:
+        return tuple(_identity(p) for p in self.paths if p)
+
+    def _build(self) -> ssl.SSLContext:
+        cert, key, client_ca = self.paths
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key, password=_no_password)
+        if client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=client_ca)
+        return context
+
+    def _pick(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        identity = self._stat()
+        if identity != self._identity:
+            try:
+                self._current = self._build()
+                self._identity = identity
+                log.info("TLS files changed: new HTTP connections use the new certificate")
+            except (OSError, ValueError, ssl.SSLError) as e:
+                log.warning("TLS files changed but do not load (%s); keeping the previous ones until they do",
+                            _reason(e))
+        connection.context = self._current
+        return None

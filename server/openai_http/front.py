@@ -14,14 +14,17 @@ import json
 import logging
 import time
 from dataclasses import replace
-from typing import AsyncIterator, Callable
+import ssl
+from typing import AsyncIterator
 
 from aiohttp import web
 from loraserve.core import errors
+from loraserve.server.api_keys import ApiKeys
 from loraserve.server.engine.types import Finished, TextDelta
 from loraserve.server.generation import generate
 from loraserve.server.openai_http import bodies
 from loraserve.server.openai_http.requests import Call, chat_call, completion_call, model_target
+from loraserve.server.service.auth import caller
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +65,12 @@ def error_body(e: HttpError) -> dict:
     return {"error": {"message": str(e), "type": e.kind, "param": None, "code": e.code.lower()}}
 
 
-Authorize = Callable[[str | None, str], None]
-"""(the request's bearer key or None, the scope it needs) -> None, or raises HttpError 401/403."""
-
-
 class OpenAIFront:
     def __init__(self, engine, tokenizer, metrics, registry, base_name: str, max_body_bytes: int,
-                 authorize: Authorize | None = None):
+                 keys: ApiKeys | None = None):
         self.engine, self.tokenizer, self.metrics, self.registry = engine, tokenizer, metrics, registry
         self.base_name = base_name
-        self.authorize = authorize
+        self.keys = keys
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors_and_metrics])
         self.app.router.add_post("/v1/completions", self.completions)
         self.app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -79,11 +78,11 @@ class OpenAIFront:
         self.app.router.add_get("/v1/models/{model}", self.get_model)
         self.runner: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         # handler_cancellation: a dropped connection cancels its handler, which cancels its engine rows.
         self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        site = web.TCPSite(self.runner, host, port, ssl_context=ssl_context)
         await site.start()
         return self.runner.addresses[0][1]
 
@@ -111,11 +110,20 @@ class OpenAIFront:
             self.metrics.observe_rpc(method, code, time.perf_counter() - start)
 
     def _check(self, request: web.Request, scope: str) -> None:
-        if self.authorize is None:
+        """The gRPC port's rules (server/service/auth.py) on HTTP: the same keys, scopes and answers."""
+        if self.keys is None:
             return
-        header = request.headers.get("Authorization", "")
-        key = header[7:].strip() if header[:7].lower() == "bearer " else None
-        self.authorize(key, scope)
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HttpError(401, "authentication_error", "UNAUTHENTICATED",
+                            "an API key is required: send the header 'Authorization: Bearer <key>'")
+        entry = self.keys.lookup(key.strip())
+        if entry is None:
+            raise HttpError(401, "authentication_error", "UNAUTHENTICATED", "unknown API key")
+        if scope not in entry.scopes:
+            raise HttpError(403, "permission_error", "PERMISSION_DENIED",
+                            f"API key {entry.name!r} lacks the scope {scope!r} that {request.path} needs")
+        caller.set(entry.name)
 
     async def _body(self, request: web.Request) -> dict:
         try:
