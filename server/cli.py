@@ -46,6 +46,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host", default=_env("metrics-host", d.metrics_host),
                    help="address /metrics binds: plain HTTP without auth, so loopback unless a scraper elsewhere "
                         "needs it, e.g. 0.0.0.0 in a container (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=_env("http-port", d.http_port, int),
+                   help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on --host, "
+                        "with the gRPC port's keys and TLS; -1 disables (default %(default)s)")
+    p.add_argument("--max-inference-request-bytes", type=int,
+                   default=_env("max-inference-request-bytes", d.max_inference_request_bytes, int),
+                   help="largest Predict/PredictStream request or HTTP body (default %(default)s)")
+    p.add_argument("--max-upload-bytes", type=int, default=_env("max-upload-bytes", lc.max_upload_bytes, int),
+                   help="largest adapter upload through LoadAdapter (default %(default)s)")
     p.add_argument("--model", default=_env("model", None),
                    help="local Hugging Face causal-LM directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--quantization", choices=["nf4", "bf16", "fp32"], default=_env("quantization", "nf4"),
@@ -127,7 +135,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         per_adapter_metrics=a.per_adapter_metrics,
         model=ModelConfig(path=a.model, quantization=a.quantization, device=a.device, cpu_kernel=a.cpu_kernel),
         lora=LoraCacheConfig(adapter_root=a.adapter_root, max_gpu_adapters=a.max_gpu_adapters,
-                             max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank),
+                             max_cpu_adapters=a.max_cpu_adapters, max_lora_rank=a.max_lora_rank,
+                             max_upload_bytes=a.max_upload_bytes),
         engine=EngineConfig(max_batch_size=a.max_batch_size, max_queue=a.max_queue, max_new_tokens=a.max_new_tokens,
                             default_max_new_tokens=min(EngineConfig.default_max_new_tokens, a.max_new_tokens),
                             max_seq_len=a.max_seq_len, kv_cache_fraction=a.kv_cache_fraction,
@@ -137,6 +146,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                                 max_tokens_per_job=a.max_train_tokens),
         max_concurrent_streams=a.max_concurrent_streams,
         metrics_host=a.metrics_host,
+        http_port=a.http_port,
+        max_inference_request_bytes=a.max_inference_request_bytes,
         # An empty variable (LORASERVE_TLS_CERT= in a compose file) means unset.
         security=SecurityConfig(tls_cert=a.tls_cert or None, tls_key=a.tls_key or None,
                                 tls_client_ca=a.tls_client_ca or None, api_keys_file=a.api_keys_file or None,

@@ -158,3 +158,20 @@ def test_a_dropped_stream_frees_its_row(srv):
         time.sleep(0.05)
     assert srv.engine.in_flight == 0
     assert srv.metric("loraserve_requests_finished_total", reason="cancelled") >= 1
+
+
+def test_flags_turn_the_http_front_on_and_size_its_bodies(monkeypatch):
+    import argparse
+
+    from loraserve.server.cli import add_serve_arguments, config_from_args
+
+    def config(*argv):
+        p = argparse.ArgumentParser()
+        add_serve_arguments(p)
+        return config_from_args(p.parse_args(argv))
+
+    assert config().http_port == -1  # off unless asked for
+    on = config("--http-port", "8000", "--max-inference-request-bytes", "1024", "--max-upload-bytes", "4096")
+    assert (on.http_port, on.max_inference_request_bytes, on.lora.max_upload_bytes) == (8000, 1024, 4096)
+    monkeypatch.setenv("LORASERVE_HTTP_PORT", "8001")
+    assert config().http_port == 8001
