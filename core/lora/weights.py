@@ -29,6 +29,9 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.w
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PATTERN_CHARS = 512
 MAX_PATTERNS = 4096
+# What PEFT saves LoRA weights in. Integer, bool or complex tensors converted silently into nonsense (the
+# imaginary part dropped); float8 failed the NaN check itself (no isfinite kernel) and so the upload.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -222,10 +225,16 @@ def load_weights(directory: Path, shapes: dict[str, tuple[int, int]], max_rank: 
             )
         if r > max_rank:
             raise FailedPrecondition(f"module {module!r} has rank {r} > the server's --max-lora-rank {max_rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise FailedPrecondition(f"module {module!r} holds NaN or infinite weights")
+        if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+            raise FailedPrecondition(f"module {module!r}: lora_A is {a.dtype}, lora_B {b.dtype}; LoRA weights must be "
+                                     "float16, bfloat16, float32 or float64")
         scale = spec.scaling(module)
-        modules[module] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
+        # Checked as they will serve: finite weights in the file can overflow once scaled or cast.
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise FailedPrecondition(f"module {module!r} holds NaN or infinite weights (as scaled by {scale:g} and "
+                                     f"cast to {dtype})")
+        modules[module] = (a, b)
     return AdapterWeights(spec=spec, modules=modules)
 
 

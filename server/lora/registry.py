@@ -9,6 +9,7 @@ pinned; the least recently used unpinned adapter is evicted first, in each tier.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -27,6 +28,8 @@ from loraserve.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    Unavailable,
 )
 from loraserve.core.lora.ids import ADAPTER_ID_RE, check_id
 from loraserve.core.lora.layer import LoraLinear
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", "loraserve_metadata.json"}
 
 DISK, CPU, GPU = "disk", "cpu", "gpu"
+# Hidden directories an upload, a replacement or a delete works in; a crash can leave one behind.
+WORK_PREFIXES = (".upload-", ".old-", ".deleted-")
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass
@@ -86,7 +92,24 @@ class AdapterRegistry:
         self.device = some.lora_a.device if some is not None else torch.device("cpu")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._sweep()
         self._report_residency()
+
+    def _sweep(self) -> None:
+        """Remove the work directories a previous run left when it died mid-upload or mid-delete: never
+        listed (ids cannot start with a dot), but they hold disk space."""
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(WORK_PREFIXES) or entry.is_symlink():
+                continue
+            adapter_id = entry.name.removeprefix(".old-").rpartition("-")[0]
+            if entry.name.startswith(".old-") and ADAPTER_ID_RE.fullmatch(adapter_id) \
+                    and not (self.root / adapter_id).exists():
+                # The run died between the two renames of a replacement: the old copy is the only one.
+                log.warning("restoring adapter %s from an interrupted replacement", adapter_id)
+                os.rename(entry, self.root / adapter_id)
+                continue
+            log.warning("removing %s, left by an interrupted upload, replacement or delete", entry.name)
+            shutil.rmtree(entry, ignore_errors=True)
 
     # --- paths -------------------------------------------------------------------------------
 
@@ -358,14 +381,20 @@ class AdapterRegistry:
         target = self.root / adapter_id
         if (target.exists() or target.is_symlink()) and not overwrite:
             raise AlreadyExists(f"adapter {adapter_id!r} already exists (set overwrite to replace it)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".upload-{adapter_id}-", dir=self.root))
         try:
-            for name, data in files.items():
-                (tmp / name).write_bytes(data)
-            load_weights(tmp, self.shapes, self.max_rank, self.dtype)  # raises FailedPrecondition
-            self.install_dir(adapter_id, tmp, overwrite)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".upload-{adapter_id}-", dir=self.root))
+            try:
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
+                load_weights(tmp, self.shapes, self.max_rank, self.dtype)  # raises FailedPrecondition
+                self.install_dir(adapter_id, tmp, overwrite)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:  # the adapter root is full or failing: nothing was installed
+            if e.errno in NO_SPACE:
+                raise ResourceExhausted(f"no room to store adapter {adapter_id!r}: {e.strerror}; free disk space "
+                                        "and retry") from None
+            raise Unavailable(f"cannot store adapter {adapter_id!r}: {e.strerror or type(e).__name__}") from None
         return self.load(adapter_id)
 
     def install_dir(self, adapter_id: str, src: Path, overwrite: bool) -> None:

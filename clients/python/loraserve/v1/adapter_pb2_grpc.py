@@ -98,7 +98,9 @@ class AdapterServiceServicer:
         Status codes: OK; INVALID_ARGUMENT for a malformed id, a path outside the adapter root, an
         unknown upload file name; NOT_FOUND when the directory does not exist; ALREADY_EXISTS when
         uploading over an existing id without overwrite; FAILED_PRECONDITION when the files are
-        corrupt, truncated, or do not fit this base model (rank, shapes, target modules).
+        corrupt, truncated, hold NaN / infinite or non-float weights, or do not fit this base model
+        (rank, shapes, target modules); RESOURCE_EXHAUSTED when the adapter root has no room for an
+        upload (nothing is left behind), UNAVAILABLE when it cannot be written for another reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
