@@ -77,6 +77,12 @@ def _completion(text: str, pb) -> Completion:
                       pb.timings.total_seconds)
 
 
+def _route(adapter_id: str) -> tuple[tuple[str, str], ...]:
+    """The x-adapter-id header: a proxy in front of several replicas (docs/deployment.md) hashes on it, so
+    each adapter's requests land where it is already resident. The server itself reads the request body."""
+    return (("x-adapter-id", adapter_id),) if adapter_id else ()
+
+
 class Client:
     def __init__(self, target: str = "localhost:50051", channel: grpc.Channel | None = None,
                  timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024, *, tls: bool = False,
@@ -119,7 +125,7 @@ class Client:
                 seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None) -> Completion:
         req = self._request(inference_pb2.PredictRequest, prompt, messages, adapter_id, max_new_tokens, temperature,
                             top_p, top_k, seed, stop)
-        resp = self.inference.Predict(req, timeout=timeout or self.timeout)
+        resp = self.inference.Predict(req, timeout=timeout or self.timeout, metadata=_route(adapter_id))
         return _completion(resp.text, resp)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, adapter_id: str = "",
@@ -128,7 +134,7 @@ class Client:
         req = self._request(inference_pb2.PredictStreamRequest, prompt, messages, adapter_id, max_new_tokens,
                             temperature, top_p, top_k, seed, stop)
         text = []
-        for resp in self.inference.PredictStream(req, timeout=timeout or self.timeout):
+        for resp in self.inference.PredictStream(req, timeout=timeout or self.timeout, metadata=_route(adapter_id)):
             text.append(resp.text_delta)
             if resp.finish_reason:
                 done = _completion("".join(text), resp)
