@@ -94,6 +94,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-jobs", type=int,
                    default=_env("max-concurrent-jobs", TrainingConfig().max_concurrent_jobs, int),
                    help="training jobs running at once; the others queue (default %(default)s)")
+    p.add_argument("--max-jobs-per-key", type=int,
+                   default=_env("max-jobs-per-key", TrainingConfig().max_jobs_per_key, int),
+                   help="training jobs one API key may have queued or running (default %(default)s)")
     p.add_argument("--max-train-steps", type=int,
                    default=_env("max-train-steps", TrainingConfig().max_steps_per_job, int),
                    help="optimizer steps one training job may plan (default %(default)s)")
@@ -142,6 +145,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                             max_seq_len=a.max_seq_len, kv_cache_fraction=a.kv_cache_fraction,
                             max_prefill_tokens=a.max_prefill_tokens, static_engine=a.engine == "static"),
         training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
+                                max_jobs_per_key=a.max_jobs_per_key,
                                 training_share=a.training_share, max_steps_per_job=a.max_train_steps,
                                 max_tokens_per_job=a.max_train_tokens),
         max_concurrent_streams=a.max_concurrent_streams,

@@ -78,6 +78,8 @@ class TrainingConfig:
     """Jobs training at once; the others queue."""
     max_queued_jobs: int = 64
     """Jobs waiting to start; beyond it Train answers RESOURCE_EXHAUSTED."""
+    max_jobs_per_key: int = 4
+    """Jobs one API key may have queued or running at once (only with API keys on)."""
     max_examples: int = 100_000
     """Examples accepted in one Train request."""
     max_steps_per_job: int = 100_000
@@ -89,7 +91,7 @@ class TrainingConfig:
     between concurrent jobs); 1 lets them alternate with decode steps freely."""
 
     def __post_init__(self):
-        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_examples", "max_steps_per_job",
+        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_jobs_per_key", "max_examples", "max_steps_per_job",
                      "max_tokens_per_job"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

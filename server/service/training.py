@@ -6,9 +6,11 @@ A stream is one watcher of a job: when the client goes away the stream stops and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from loraserve.core.errors import InvalidArgument
 from loraserve.server.service import training_convert as convert
+from loraserve.server.service.auth import caller
 from loraserve.server.training.jobs import JOB_ID_RE, TrainingJobs, check_job_id
 from loraserve.v1 import training_pb2, training_pb2_grpc
 
@@ -20,7 +22,7 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
         self.jobs = jobs
 
     async def Train(self, request, context):
-        spec = convert.train_request_of(request)
+        spec = dataclasses.replace(convert.train_request_of(request), owner=caller.get())
         # Validation reads and tokenizes the data set: off the event loop, and all before the job exists.
         job = await asyncio.to_thread(self.jobs.submit, spec)
         async for event in job.events.follow():

@@ -137,18 +137,19 @@ class TrainingJobs:
     def submit(self, request: TrainRequest) -> Job:
         """Validate (tokenizing the data: call from a worker thread) and queue; raises before any job exists."""
         with self._lock:
-            self._check_room(request.adapter_id)  # refuse early what would be refused after the work below
+            self._check_room(request)  # refuse early what would be refused after the work below
         valid = validate(request, self.base, self.wrapped, self.registry, self.config)
         job_id = new_job_id()
         try:
             if request.examples is not None:  # what the job resumes on after a restart; written before the record
                 self.files.save_examples(job_id, request.examples)
             with self._lock:
-                self._check_room(request.adapter_id)  # again: another request may have taken the room meanwhile
+                self._check_room(request)  # again: another request may have taken the room meanwhile
                 record = JobRecord(job_id=job_id, adapter_id=request.adapter_id, state=QUEUED, created_at=time.time(),
                                    settings=valid.settings.to_dict(), overwrite=request.overwrite,
                                    dataset_path=request.dataset_path, examples=valid.data.stats.examples,
-                                   data_sha256=valid.data.data_hash, truncate=request.truncate)
+                                   data_sha256=valid.data.data_hash, truncate=request.truncate,
+                                   owner=request.owner)
                 self.store.save(record)  # a job is accepted only once it is on disk
                 job = Job(record, EventLog(), valid)
                 self._jobs[job.job_id] = job
@@ -299,7 +300,7 @@ class TrainingJobs:
             if examples is None:
                 raise FailedPrecondition(NO_EXAMPLES)
         request = TrainRequest(record.adapter_id, dict(record.settings), examples, record.dataset_path,
-                               record.overwrite, record.truncate)
+                               record.overwrite, record.truncate, record.owner)
         valid = validate(request, self.base, self.wrapped, self.registry, self.config)
         if valid.data.data_hash != record.data_sha256:
             what = f"dataset_path {record.dataset_path!r}" if record.dataset_path else "its saved examples"
@@ -366,13 +367,23 @@ class TrainingJobs:
             raise NotFound(f"training job {job_id} not found")
         return job
 
-    def _check_room(self, adapter_id: str) -> None:
+    def _check_room(self, request: TrainRequest) -> None:
         if self._closed:
             raise Unavailable("the server is shutting down; submit the job to another replica")
-        for job in (*self._queue, *self._running.values()):
-            if job.record.adapter_id == adapter_id:
-                raise AlreadyExists(f"job {job.job_id} is already training adapter {adapter_id!r}; "
+        active = (*self._queue, *self._running.values())
+        for job in active:
+            if job.record.adapter_id == request.adapter_id:
+                raise AlreadyExists(f"job {job.job_id} is already training adapter {request.adapter_id!r}; "
                                     "cancel it or wait for it to end")
+        # One key may not fill the queue for every other key. Without keys every caller is the same one,
+        # and max_queued_jobs alone bounds the queue.
+        if request.owner is not None:
+            cap = self.config.max_jobs_per_key
+            mine = sum(1 for job in active if job.record.owner == request.owner)
+            if mine >= cap:
+                raise ResourceExhausted(f"API key {request.owner!r} has {mine} training jobs queued or running, "
+                                        f"the most one key may have (--max-jobs-per-key {cap}); wait for one "
+                                        "to end")
         if len(self._queue) >= self.config.max_queued_jobs:
             raise ResourceExhausted(f"the training queue is full ({self.config.max_queued_jobs} jobs waiting); "
                                     "retry later")

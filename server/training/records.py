@@ -83,6 +83,8 @@ class JobRecord:
     data_sha256: str
     truncate: bool = False
     """The request's truncate, to validate the data again when the job resumes after a restart."""
+    owner: str | None = None
+    """The API key (by name) that submitted the job; the per-key job cap counts by it."""
     started_at: float | None = None
     finished_at: float | None = None
     progress: Progress | None = None

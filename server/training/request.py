@@ -34,6 +34,8 @@ class TrainRequest:
     overwrite: bool = False
     truncate: bool = False
     """Cut examples longer than max_length instead of refusing them."""
+    owner: str | None = None
+    """Name of the API key that submitted the job (None when the server runs without keys)."""
 
 
 @dataclass(frozen=True)
