@@ -11,6 +11,7 @@ own --tls-cert / --tls-key (LORASERVE_TLS_*) in the same container, where the he
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections import namedtuple
 from pathlib import Path
@@ -44,6 +45,28 @@ def open_channel(target: str, *, tls: bool = False, root_ca: Pem | None = None, 
     if api_key is not None:
         channel = grpc.intercept_channel(channel, BearerKey(api_key))
     return channel
+
+
+# Calls that are safe to send again when the server refused them with UNAVAILABLE (a replica draining,
+# a connection lost before the call started): reads, and generation, which changes nothing on the
+# server. Not Load/Unload/DeleteAdapter, Train or CancelTrainingJob: a retry could repeat their effect.
+RETRYABLE = {
+    "loraserve.v1.InferenceService": ("Predict", "PredictStream"),
+    "loraserve.v1.AdapterService": ("ListAdapters", "GetAdapter"),
+    "loraserve.v1.TrainingService": ("GetTrainingJob", "ListTrainingJobs", "WatchTrainingJob"),
+}
+
+
+def retry_options(attempts: int) -> list[tuple[str, str]]:
+    """gRPC's own retry policy for RETRYABLE, with exponential backoff. gRPC retries a stream only
+    before its first response message, so no part of a stream is ever delivered twice."""
+    if attempts <= 1:
+        return [("grpc.enable_retries", 0)]
+    policy = {"maxAttempts": min(attempts, 5), "initialBackoff": "0.2s", "maxBackoff": "5s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    names = [{"service": service, "method": method} for service, methods in RETRYABLE.items() for method in methods]
+    config = {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 
 
 def _pem(value: Pem | None) -> bytes | None:

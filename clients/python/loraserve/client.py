@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 
 from loraserve import training as train_types
-from loraserve.channel import Pem, open_channel
+from loraserve.channel import Pem, open_channel, retry_options
 from loraserve.training import TrainingEvent, TrainingJob
 from loraserve.v1 import (
     adapter_pb2,
@@ -87,14 +87,16 @@ class Client:
     def __init__(self, target: str = "localhost:50051", channel: grpc.Channel | None = None,
                  timeout: float | None = None, max_message_bytes: int = 64 * 1024 * 1024, *, tls: bool = False,
                  root_ca: Pem | None = None, client_cert: Pem | None = None, client_key: Pem | None = None,
-                 server_name: str | None = None, api_key: str | None = None):
+                 server_name: str | None = None, api_key: str | None = None, attempts: int = 4):
         """TLS when `tls` or a certificate is given (loraserve.channel.open_channel says how each is
-        used); `api_key` goes with every call. A ready `channel` replaces all of these."""
+        used); `api_key` goes with every call. `timeout` is every call's deadline in seconds unless the
+        call gives its own. Calls that change nothing on the server are tried up to `attempts` times
+        when it answers UNAVAILABLE (loraserve.channel.RETRYABLE). A ready `channel` replaces all of these."""
         self.channel = channel or open_channel(
             target, tls=tls, root_ca=root_ca, client_cert=client_cert, client_key=client_key,
             server_name=server_name, api_key=api_key,
             options=[("grpc.max_send_message_length", max_message_bytes),
-                     ("grpc.max_receive_message_length", max_message_bytes)])
+                     ("grpc.max_receive_message_length", max_message_bytes), *retry_options(attempts)])
         self.timeout = timeout
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapter_pb2_grpc.AdapterServiceStub(self.channel)
