@@ -101,19 +101,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir, root: Path, data: Path, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(model_dir), "--quantization", "fp32",
-         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--adapter-root", str(root),
-         "--data-root", str(data), "--checkpoint-every", "5", "--max-lora-rank", "8", "--max-gpu-adapters", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[2])
+def start_server(model_dir, root: Path, data: Path, port: int, log: Path) -> subprocess.Popen:
+    """`loraserve serve` in its own process, its log appended to `log`."""
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "loraserve.server.cli", "serve", "--model", str(model_dir), "--quantization",
+             "fp32", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--adapter-root", str(root),
+             "--data-root", str(data), "--checkpoint-every", "5", "--max-lora-rank", "8", "--max-gpu-adapters", "2"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
 
 
-def connect(proc: subprocess.Popen, port: int) -> Client:
+def connect(proc: subprocess.Popen, port: int, log: Path) -> Client:
     client = Client(f"127.0.0.1:{port}")
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, "the server exited"
+        assert proc.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
         try:
             client.list_training_jobs()
             return client
@@ -146,10 +148,10 @@ def test_a_job_killed_with_its_server_resumes_from_its_checkpoint(tiny_model_dir
     stop, bad = threading.Event(), []
     watcher = threading.Thread(target=visible_adapters_are_whole, args=(root, stop, bad), daemon=True)
     watcher.start()
-    port = free_port()
-    proc = start_server(tiny_model_dir, root, data, port)
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_server(tiny_model_dir, root, data, port, log)
     try:
-        with connect(proc, port) as client:
+        with connect(proc, port, log) as client:
             stream = client.train("killed", dataset_path="train.jsonl", settings=settings)
             job_id = until(stream, progressed(12)).job_id
             proc.kill()  # SIGKILL: no drain, no last checkpoint
@@ -159,8 +161,9 @@ def test_a_job_killed_with_its_server_resumes_from_its_checkpoint(tiny_model_dir
         assert json.loads((root / JOBS_DIR / f"{job_id}.json").read_text())["state"] == "running"
         assert not (root / "killed").exists()
 
-        proc = start_server(tiny_model_dir, root, data, port)
-        with connect(proc, port) as client:
+        port = free_port()  # not the killed server's: nothing may be left holding it
+        proc = start_server(tiny_model_dir, root, data, port, log)
+        with connect(proc, port, log) as client:
             events = list(client.watch_training_job(job_id))
             assert isinstance(events[-1].kind, Completed) and events[-1].kind.metrics.steps == 40
             assert [a.adapter_id for a in client.list_adapters()] == ["killed"]
