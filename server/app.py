@@ -2,9 +2,10 @@
 
 Lifecycle: start() binds the ports; on SIGTERM/SIGINT drain() turns health NOT_SERVING, makes new
 requests fail with UNAVAILABLE, lets in-flight requests finish within the grace period, then stops.
-Training jobs do not get the grace period: a job runs for minutes to hours and cannot resume, so
-draining ends running and queued jobs at once (reported as failed, with the reason, to their
-watchers and in their records), which also gives the device to the requests still finishing.
+Training jobs do not get the grace period: a job runs for minutes to hours, so draining suspends
+running jobs at once with a checkpoint and leaves queued ones queued (their streams end with
+UNAVAILABLE saying so), which also gives the device to the requests still finishing; the next start
+resumes them (server/training/jobs.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ SERVICE_NAMES = (
     adapter_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
     training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
 )
-SHUTDOWN = "interrupted: the server shut down before the job finished; submit it again"
+SHUTDOWN = "the server is shutting down"
 
 
 class LoraServer:
@@ -151,7 +152,7 @@ class LoraServer:
         await self.stop(grace=max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace: float = 0.0) -> None:
-        # Jobs end before the RPCs: their records say why, and within the grace their streams say it too.
+        # Jobs are suspended before the RPCs stop: within the grace their streams say when they go on.
         await asyncio.to_thread(self.training.shutdown, SHUTDOWN)
         if self.http is not None:
             await self.http.stop()

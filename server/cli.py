@@ -109,6 +109,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--training-share", type=float,
                    default=_env("training-share", TrainingConfig().training_share, float),
                    help="share of device time training takes while requests are served (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int,
+                   default=_env("checkpoint-every", TrainingConfig().checkpoint_every_steps, int),
+                   help="a training job checkpoints every N optimizer steps and resumes from its last "
+                        "checkpoint after a restart; 0: only on SIGTERM (default %(default)s)")
     p.add_argument("--per-adapter-metrics", action="store_true", default=_env("per-adapter-metrics", False, bool),
                    help="label request metrics by adapter id (first 100 ids)")
     p.add_argument("--log-level", default=_env("log-level", "INFO"))
@@ -147,7 +151,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
                                 max_jobs_per_key=a.max_jobs_per_key,
                                 training_share=a.training_share, max_steps_per_job=a.max_train_steps,
-                                max_tokens_per_job=a.max_train_tokens),
+                                max_tokens_per_job=a.max_train_tokens, checkpoint_every_steps=a.checkpoint_every),
         max_concurrent_streams=a.max_concurrent_streams,
         metrics_host=a.metrics_host,
         http_port=a.http_port,

@@ -89,8 +89,14 @@ class TrainingConfig:
     training_share: float = 0.5
     """While requests are being served, the share of device time training jobs take (split evenly
     between concurrent jobs); 1 lets them alternate with decode steps freely."""
+    checkpoint_every_steps: int = 50
+    """A running job checkpoints every this many optimizer steps, to resume from after a crash; 0
+    checkpoints only when the server stops (SIGTERM). A checkpoint holds the LoRA weights and twice
+    their size of optimizer state."""
 
     def __post_init__(self):
+        if self.checkpoint_every_steps < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
         for name in ("max_concurrent_jobs", "max_queued_jobs", "max_jobs_per_key", "max_examples", "max_steps_per_job",
                      "max_tokens_per_job"):
             if getattr(self, name) < 1:
