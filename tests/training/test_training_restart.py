@@ -169,7 +169,7 @@ def test_draining_suspends_running_jobs_at_once(tiny_model_dir, tmp_path):
     srv = RunningServer(tiny_model_dir, root, training=TrainingConfig(checkpoint_every_steps=0))
     try:
         stream = srv.client.train("drained", examples=EXAMPLES_, settings=ENDLESS)
-        job_id = until(stream, lambda e: isinstance(e.kind, Started))[0].job_id
+        job_id = until(stream, progressed(1))[0].job_id
         srv._call(srv.server.drain(grace=30))
         assert interrupted(stream).startswith(f"{SHUTDOWN}job {job_id} resumes from step ")  # well before 30 s
         record = record_of(root, job_id)
