@@ -139,7 +139,9 @@ def job_pb(r: JobRecord) -> pb.TrainingJob:
     msg = pb.TrainingJob(job_id=r.job_id, adapter_id=r.adapter_id, state=_STATES[r.state],
                          queue_position=r.queue_position, create_time=_time(r.created_at),
                          settings=settings_pb(r.settings), dataset_path=r.dataset_path or "", examples=r.examples,
-                         data_sha256=r.data_sha256, error=r.error or "", overwrite=r.overwrite)
+                         data_sha256=r.data_sha256, error=r.error or "", overwrite=r.overwrite,
+                         checkpoint_step=r.checkpoint_step, checkpoint_failures=r.checkpoint_failures,
+                         resumed_from_step=r.resumed_from_step)
     if r.started_at is not None:
         msg.start_time.CopyFrom(_time(r.started_at))
     if r.finished_at is not None:

@@ -104,6 +104,9 @@ def test_a_drained_server_resumes_its_jobs_on_the_next_start(tiny_model_dir, tmp
         seen = until(watch, progressed(step + 1))
         assert seen[0].kind.step == step and isinstance(seen[1].kind, Started) and seen[-1].kind.step == step + 1
         assert record_of(root, cut_id)["resumed_from_step"] == step
+        seen_by_client = second.client.get_training_job(cut_id)  # the resume state is part of the contract
+        assert seen_by_client.resumed_from_step == step and seen_by_client.checkpoint_step >= step
+        assert second.client.get_training_job(waiting_id).resumed_from_step is None
         assert second.metric("loraserve_training_jobs", state="running") == 1
 
         assert second.client.cancel_training_job(cut_id).state == "cancelled"

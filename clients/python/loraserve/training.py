@@ -113,6 +113,11 @@ class TrainingJob:
     metrics: Metrics | None
     error: str
     overwrite: bool
+    checkpoint_step: int = 0
+    """The step the latest checkpoint holds (0: none); a server restart resumes the job from there."""
+    checkpoint_failures: int = 0
+    resumed_from_step: int | None = None
+    """Set when the job went on after a server restart: the step it resumed from."""
 
 
 def settings_pb(settings: dict | None) -> pb.TrainingSettings:
@@ -204,4 +209,5 @@ def job_of(msg: pb.TrainingJob) -> TrainingJob:
         dataset_path=msg.dataset_path, examples=msg.examples, data_sha256=msg.data_sha256,
         progress=progress_of(msg.progress) if msg.HasField("progress") else None,
         metrics=metrics_of(msg.metrics) if msg.HasField("metrics") else None, error=msg.error,
-        overwrite=msg.overwrite)
+        overwrite=msg.overwrite, checkpoint_step=msg.checkpoint_step, checkpoint_failures=msg.checkpoint_failures,
+        resumed_from_step=msg.resumed_from_step if msg.HasField("resumed_from_step") else None)

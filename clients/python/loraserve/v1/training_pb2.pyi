@@ -232,7 +232,7 @@ class TrainingMetrics(_message.Message):
     def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., stopped_early: _Optional[bool] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "adapter_id", "state", "queue_position", "create_time", "start_time", "end_time", "settings", "dataset_path", "examples", "data_sha256", "progress", "metrics", "error", "overwrite")
+    __slots__ = ("job_id", "adapter_id", "state", "queue_position", "create_time", "start_time", "end_time", "settings", "dataset_path", "examples", "data_sha256", "progress", "metrics", "error", "overwrite", "checkpoint_step", "checkpoint_failures", "resumed_from_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,9 @@ class TrainingJob(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     adapter_id: str
     state: TrainingJobState
@@ -263,7 +266,10 @@ class TrainingJob(_message.Message):
     metrics: TrainingMetrics
     error: str
     overwrite: bool
-    def __init__(self, job_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., queue_position: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., settings: _Optional[_Union[TrainingSettings, _Mapping]] = ..., dataset_path: _Optional[str] = ..., examples: _Optional[int] = ..., data_sha256: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[TrainingMetrics, _Mapping]] = ..., error: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    checkpoint_step: int
+    checkpoint_failures: int
+    resumed_from_step: int
+    def __init__(self, job_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., queue_position: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., settings: _Optional[_Union[TrainingSettings, _Mapping]] = ..., dataset_path: _Optional[str] = ..., examples: _Optional[int] = ..., data_sha256: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., metrics: _Optional[_Union[TrainingMetrics, _Mapping]] = ..., error: _Optional[str] = ..., overwrite: _Optional[bool] = ..., checkpoint_step: _Optional[int] = ..., checkpoint_failures: _Optional[int] = ..., resumed_from_step: _Optional[int] = ...) -> None: ...
 
 class GetTrainingJobRequest(_message.Message):
     __slots__ = ("job_id",)
