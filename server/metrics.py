@@ -63,6 +63,9 @@ class Metrics:
         self.resident = Gauge("loraserve_adapters_resident", "Adapters resident, by tier", ["tier"], registry=r)
         self.training_jobs = Gauge("loraserve_training_jobs", "Training jobs by state", ["state"], registry=r)
         self.training_tokens = Counter("loraserve_training_tokens", "Tokens trained on", registry=r)
+        self.checkpoints = Counter("loraserve_training_checkpoints", "Training checkpoints, by outcome (written, "
+                                   "failed: e.g. a full disk; the job trains on from the previous one)",
+                                   ["outcome"], registry=r)
         self.training_loss = Gauge("loraserve_training_loss", "Mean token loss of the latest training step "
                                    "(of whichever job reported last)", registry=r)
         self.lora_info = LoraRequestsInfo()
@@ -129,6 +132,9 @@ class Metrics:
 
     def adapters_resident(self, tier: str, n: int) -> None:
         self.resident.labels(tier).set(n)
+
+    def checkpoint(self, written: bool) -> None:
+        self.checkpoints.labels("written" if written else "failed").inc()
 
     def observe_training_step(self, loss: float) -> None:
         self.training_loss.set(loss)

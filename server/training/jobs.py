@@ -332,10 +332,12 @@ class TrainingJobs:
             with self._lock:
                 job.record.checkpoint_failures += 1
                 self._save(job.record)
+            self.metrics.checkpoint(written=False)
             return
         with self._lock:
             job.record.checkpoint_step = state.step
             self._save(job.record)
+        self.metrics.checkpoint(written=True)
 
     def _installed_by(self, record: JobRecord) -> JobCompleted | None:
         """The job's adapter, if the server stopped after installing it but before the record said so."""

@@ -70,6 +70,9 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one_and_training_goe
         wait_for(lambda: record().checkpoint_step > step)  # the disk has room again: checkpoints resume
         assert load_checkpoint(path).step >= record().checkpoint_step
         srv.client.cancel_training_job(job_id)
+        assert srv.metric("loraserve_training_checkpoints_total", outcome="failed") == record().checkpoint_failures
+        assert srv.metric("loraserve_training_checkpoints_total", outcome="written") >= 3
+        assert srv.client.get_training_job(job_id).checkpoint_failures == record().checkpoint_failures
     finally:
         srv.close()
 
