@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_peft_adapter
+from tiny_models import make_peft_adapter
 from harness import RunningServer
 from loraserve.core.model.bnb_cpu import select_cpu_kernel
 from peft import PeftModel
