@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import random
-import re
 import signal
 import sys
 import tempfile
@@ -42,15 +41,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_bench  # noqa: E402 - also puts the typed client on sys.path
-from serve_bench import REPO, ServerProcess, machine_info, make_adapters, make_prompts, summary  # noqa: E402
+import grpc
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
+from serve_bench import (
+    REPO,
+    ServerProcess,
+    machine_info,
+    make_adapters,
+    make_prompts,
+    summary,
+)
 
-import grpc  # noqa: E402
-from loraserve.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
-
-# The start-up line, before and after it named the bound address ("on port N" / "on HOST:N"); ServerProcess
-# reads the port with serve_bench.READY_RE, so main() sets it to this one.
-READY_RE = re.compile(r"serving .* on (?:port |\S+:)(\d+)")
 BAD = {"INTERNAL", "UNKNOWN"}
 
 
@@ -243,7 +244,6 @@ def main(argv=None) -> int:
     from loraserve.core.model.load import ensure_embedded_model
     from transformers import AutoTokenizer
 
-    serve_bench.READY_RE = READY_RE
     load_before = os.getloadavg()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = Path(args.model) if args.model else ensure_embedded_model()
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             server.proc.terminate()  # SIGTERM: drains (nothing in flight) and must exit 0
             try:
                 exit_code = server.proc.wait(timeout=60)
-            except Exception:  # noqa: BLE001 - reported as no exit code; ServerProcess kills it on exit
+            except Exception:
                 exit_code = None
     rss_max = max([rss_end, rss_start, *(b for _, b in sampler.samples)])
     summary_ = report(args, results, wall, rss_start, rss_end, rss_max, exit_code)

@@ -13,7 +13,6 @@ exactly.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import RunningServer, copy_adapters
-from loraserve.v1 import adapter_pb2, adapter_pb2_grpc, inference_pb2, inference_pb2_grpc
+from loraserve.v1 import (
+    adapter_pb2,
+    adapter_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 from metrics_scrape import delta, scrape, value
 
 CALLS = 300
