@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import grpc
+import pytest
 from harness import RunningServer
 
 
@@ -35,7 +36,10 @@ def test_predict_and_stream_carry_the_adapter_header(tiny_model_dir, adapter_sou
             c.predict("Hi", adapter_id="a0", max_new_tokens=1)
             list(c.stream("Hi", adapter_id="a0", max_new_tokens=1))
             c.predict("Hi", max_new_tokens=1)
+            with pytest.raises(grpc.RpcError) as e:  # not a header value: the server still answers for it
+                c.predict("Hi", adapter_id="a0\n", max_new_tokens=1)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         srv.close()
     assert [(m, md.get("x-adapter-id")) for m, md in recorder.seen] == [
-        ("Predict", "a0"), ("PredictStream", "a0"), ("Predict", None)]
+        ("Predict", "a0"), ("PredictStream", "a0"), ("Predict", None), ("Predict", None)]

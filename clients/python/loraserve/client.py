@@ -80,7 +80,10 @@ def _completion(text: str, pb) -> Completion:
 def _route(adapter_id: str) -> tuple[tuple[str, str], ...]:
     """The x-adapter-id header: a proxy in front of several replicas (docs/deployment.md) hashes on it, so
     each adapter's requests land where it is already resident. The server itself reads the request body."""
-    return (("x-adapter-id", adapter_id),) if adapter_id else ()
+    # Header values are printable ASCII; an id that is not cannot be routed by, and the server refuses it
+    # anyway (INVALID_ARGUMENT): leave the header out rather than fail the call in the client.
+    routable = adapter_id and all(" " <= c <= "~" for c in adapter_id)
+    return (("x-adapter-id", adapter_id),) if routable else ()
 
 
 class Client:
