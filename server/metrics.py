@@ -106,7 +106,8 @@ class Metrics:
         self.admitted.inc()
 
     def observe_request(self, seconds: float, prompt_tokens: int, generated: int, reason: str) -> None:
-        self.e2e.observe(seconds)
+        if reason != "error":  # a failure's time (often a refusal in milliseconds) is no request latency
+            self.e2e.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated)
         self.finished.labels(reason).inc()

@@ -246,7 +246,7 @@ class Engine:
         """A request that ends while still queued: counted in the metrics like every other ending."""
         waited = time.monotonic() - req.arrival
         if self.metrics:
-            self.metrics.observe_request(waited, len(req.prompt_ids), 0, reason)
+            self.metrics.observe_request(waited, 0, 0, reason)  # its prompt was never processed
         return Finished(reason, "", len(req.prompt_ids), 0, Timings(waited, 0.0, waited))
 
     def _admit(self) -> None:
@@ -374,7 +374,9 @@ class Engine:
         """End a request with an error; counted under the finish reason "error", so every request the
         engine admitted shows in requests_finished_total exactly once."""
         if self.metrics:
-            self.metrics.observe_request(time.monotonic() - req.arrival, len(req.prompt_ids), generated, "error")
+            # prompt_tokens_total counts prompts processed: a request failing before its first token had none.
+            processed = len(req.prompt_ids) if generated else 0
+            self.metrics.observe_request(time.monotonic() - req.arrival, processed, generated, "error")
         self.output.emit(req, Failed(error))
 
     def _report(self) -> None:
