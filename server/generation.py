@@ -14,7 +14,7 @@ import uuid
 from typing import AsyncIterator, Sequence
 
 from loraserve.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
-from loraserve.core.prompt import render
+from loraserve.core.prompt import CHAT, render
 from loraserve.server.config import EngineConfig
 from loraserve.server.engine.types import Event, Failed, Finished, GenerationRequest, SamplingParams
 
@@ -47,10 +47,13 @@ def checked_sampling(config: EngineConfig, *, max_new_tokens: int = 0, temperatu
 
 async def generate(engine, tokenizer, metrics, adapter_id: str | None, prompt: str,
                    messages: list[tuple[str, str]], sampling: SamplingParams,
-                   deadline: float | None = None) -> AsyncIterator[Event]:
+                   deadline: float | None = None, raw_prompt: bool = False) -> AsyncIterator[Event]:
     """Submit one request and yield its TextDelta events and its Finished event. A failure, a deadline
-    or a cancel seen by the engine is raised as its error; `deadline` is time.monotonic() based."""
-    ids = await asyncio.to_thread(render, tokenizer, prompt, messages, engine.max_prompt_tokens)
+    or a cancel seen by the engine is raised as its error; `deadline` is time.monotonic() based.
+
+    A plain prompt to an adapter is rendered as its training rendered the prompts of its examples
+    (the registry reads that from the adapter's metadata), unless raw_prompt asks for the text as is."""
+    ids = await asyncio.to_thread(_render, engine, tokenizer, adapter_id, prompt, messages, raw_prompt)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -82,3 +85,9 @@ async def generate(engine, tokenizer, metrics, adapter_id: str | None, prompt: s
     finally:
         if not finished:  # the caller went away (cancel, deadline, closed connection): free the row now
             engine.cancel(request.request_id)
+
+
+def _render(engine, tokenizer, adapter_id: str | None, prompt: str, messages, raw_prompt: bool) -> list[int]:
+    as_chat = bool(prompt and adapter_id and not raw_prompt and not messages
+                   and engine.registry.prompt_rendering(adapter_id) == CHAT)
+    return render(tokenizer, prompt, messages, engine.max_prompt_tokens, prompt_as_chat=as_chat)

@@ -20,12 +20,13 @@ from importlib import metadata
 from pathlib import Path
 
 from loraserve.core.errors import AlreadyExists, FailedPrecondition
-from loraserve.core.lora.weights import AdapterSpec, write_adapter
+from loraserve.core.lora.weights import METADATA_FILE, AdapterSpec, write_adapter
 from loraserve.core.model.load import BaseModel
+from loraserve.core.prompt import rendering_record
 from loraserve.trainer.loop import TrainResult
+from loraserve.trainer.render import use_chat
 from loraserve.trainer.settings import TrainSettings
 
-METADATA_FILE = "loraserve_metadata.json"
 METADATA_FORMAT = 1
 
 
@@ -69,6 +70,9 @@ def build_metadata(result: TrainResult, settings: TrainSettings, base: BaseModel
         "task_id": task_id,
         "base_model": {"name": base.name, "fingerprint": base.fingerprint, "quantization": base.quantization},
         "settings": settings.to_dict(),
+        # How prompts were rendered (settings.template resolved against this tokenizer, as
+        # trainer.data.prepare did): the server renders a plain prompt to this adapter the same way.
+        "rendering": rendering_record(use_chat(settings.template, base.tokenizer), base.tokenizer),
         "data": {"sha256": result.data_hash, **asdict(result.stats)},
         "metrics": {k: _finite_or_none(v) for k, v in result.metrics.to_dict().items()},
         "timings": {"started_at": _iso(result.started_at), "finished_at": _iso(result.finished_at),

@@ -3,7 +3,9 @@
 Rendering follows how the server's Predict builds prompts, so an adapter learns on exactly what it
 will see: with a chat template the prompt is a user turn rendered with the generation prompt, and
 the completion is the assistant turn after it. Each piece is tokenized on its own, the way serving
-tokenizes the rendered prompt and then generates the answer token by token.
+tokenizes the rendered prompt and then generates the answer token by token. Which rendering a
+training used is recorded in the adapter's metadata (core.prompt.rendering_record), and the server
+renders a plain prompt to that adapter the same way (core.prompt.prompt_as_user_turn for chat).
 """
 
 from __future__ import annotations

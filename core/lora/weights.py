@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "loraserve_metadata.json"  # loraserve's own record beside PEFT's files (trainer.output)
 PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 MAX_CONFIG_BYTES = 1 << 20

@@ -10,8 +10,10 @@ pinned; the least recently used unpinned adapter is evicted first, in each tier.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import stat
 import shutil
 import tempfile
 import threading
@@ -35,16 +37,19 @@ from loraserve.core.lora.ids import ADAPTER_ID_RE, check_id
 from loraserve.core.lora.layer import LoraLinear
 from loraserve.core.lora.weights import (
     CONFIG_FILE,
+    METADATA_FILE,
     WEIGHTS_FILE,
     AdapterSpec,
     AdapterWeights,
     load_weights,
     read_spec,
 )
+from loraserve.core.prompt import RAW, parse_rendering
 
 log = logging.getLogger(__name__)
 
-ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", "loraserve_metadata.json"}
+MAX_METADATA_BYTES = 1 << 20  # a trainer's file is a few KiB
+ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", METADATA_FILE}
 
 DISK, CPU, GPU = "disk", "cpu", "gpu"
 # Hidden directories an upload, a replacement or a delete works in; a crash can leave one behind.
@@ -63,6 +68,10 @@ class AdapterInfo:
     size_bytes: int
     slot: int | None
     error: str | None = None
+    rendering: str = RAW
+    """How a plain prompt to this adapter is rendered: core.prompt.RAW or CHAT (see prompt_rendering)."""
+    rendering_error: str | None = None
+    """Why the metadata's rendering cannot be used; plain prompts to the adapter then fail."""
 
 
 class AdapterRegistry:
@@ -88,6 +97,7 @@ class AdapterRegistry:
         self._retired: set[int] = set()  # slots detached from their adapter, freed when their rows finish
         self._fp: dict[str, tuple] = {}  # the files a cached copy (or a failed load) came from
         self._uploading: dict[str, int] = {}  # adapter -> slot being written
+        self._renderings: dict[str, tuple[tuple, str | FailedPrecondition]] = {}  # by metadata file identity
         some = next(iter(wrapped.values()), None)
         self.device = some.lora_a.device if some is not None else torch.device("cpu")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -319,6 +329,80 @@ class AdapterRegistry:
             self.metrics.adapters_resident(GPU, len(self._slot_of))
             self.metrics.adapters_resident(CPU, len(self._cpu))
 
+    # --- how prompts to an adapter are rendered -------------------------------------------------
+
+    def prompt_rendering(self, adapter_id: str) -> str:
+        """core.prompt.RAW or CHAT: how the adapter's training rendered the prompt of its examples, from
+        "rendering" in its loraserve_metadata.json (cached while that file is unchanged: one stat).
+
+        No metadata file (a PEFT adapter made elsewhere, or no adapter at all: the engine answers
+        NOT_FOUND for that), or metadata without "rendering" (written before it was recorded): RAW,
+        the text as is. Metadata that is present but unusable (not a regular file, over
+        MAX_METADATA_BYTES, not a JSON object, a rendering this version cannot reproduce) raises
+        FailedPrecondition: guessing would feed the adapter prompts it was never trained on; the caller
+        can still send chat messages, or ask for the raw text."""
+        result = self._rendering(adapter_id)
+        if isinstance(result, FailedPrecondition):
+            raise result
+        return result
+
+    def _rendering(self, adapter_id: str) -> str | FailedPrecondition:
+        path = self.path_of(adapter_id) / METADATA_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return RAW
+        except OSError as e:
+            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} cannot be opened: "
+                                                   f"{e.strerror or type(e).__name__}")
+        try:
+            st = os.fstat(fd)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._lock:
+                cached = self._renderings.get(adapter_id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            if not stat.S_ISREG(st.st_mode):
+                result = self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not a regular file")
+            elif st.st_size > MAX_METADATA_BYTES:
+                result = self._bad_rendering(adapter_id, f"its {METADATA_FILE} has {st.st_size} bytes, more than "
+                                                         f"{MAX_METADATA_BYTES}")
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read(MAX_METADATA_BYTES + 1)
+                result = self._parse_rendering(adapter_id, data)
+        except OSError as e:
+            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} cannot be read: "
+                                                   f"{e.strerror or type(e).__name__}")
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._renderings[adapter_id] = (key, result)
+        return result
+
+    def _parse_rendering(self, adapter_id: str, data: bytes) -> str | FailedPrecondition:
+        if len(data) > MAX_METADATA_BYTES:
+            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} has more than {MAX_METADATA_BYTES} bytes")
+        try:
+            meta = json.loads(data)
+        except (ValueError, RecursionError):  # the message only, never the file's text
+            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not valid JSON")
+        if not isinstance(meta, dict):
+            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not a JSON object")
+        if "rendering" not in meta:
+            return RAW
+        try:
+            return parse_rendering(meta["rendering"])
+        except ValueError as e:
+            return self._bad_rendering(adapter_id, str(e))
+
+    @staticmethod
+    def _bad_rendering(adapter_id: str, why: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"adapter {adapter_id!r}: the prompt rendering its training used is unknown ({why}), so a plain "
+            "prompt cannot be rendered the way it learned; send chat messages, set raw_prompt to tokenize the "
+            f"text as is, or fix {METADATA_FILE}")
+
     # --- what the AdapterService calls ----------------------------------------------------------
 
     def info(self, adapter_id: str) -> AdapterInfo:
@@ -334,8 +418,10 @@ class AdapterRegistry:
         except FailedPrecondition as e:
             spec, error = AdapterSpec(rank=0, alpha=0.0, target_modules=[]), error or str(e)
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        rendering = self._rendering(adapter_id)
+        bad = isinstance(rendering, FailedPrecondition)
         return AdapterInfo(adapter_id, state, spec.rank, spec.alpha, spec.targets_list, spec.task_type, size, slot,
-                           error)
+                           error, RAW if bad else rendering, str(rendering) if bad else None)
 
     def load(self, adapter_id: str) -> AdapterInfo:
         """Validate and bring an adapter already under the root into the CPU tier."""

@@ -22,7 +22,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         deadline = time.monotonic() + remaining if remaining is not None else None
         return generate(self.engine, self.tokenizer, self.metrics, convert.adapter_id_of(request), request.prompt,
                         convert.messages_of(request), convert.sampling_of(request.sampling, self.engine.config),
-                        deadline)
+                        deadline, raw_prompt=request.raw_prompt)
 
     async def Predict(self, request, context):
         async for event in self._events(request, context):

@@ -16,6 +16,7 @@ from loraserve.core.lora.weights import (
     load_weights,
     read_spec,
 )
+from loraserve.core.prompt import CHAT, parse_rendering
 from loraserve.trainer import output
 from loraserve.trainer.data import parse_records, prepare
 from loraserve.trainer.loop import train_adapter
@@ -97,6 +98,9 @@ def test_files_and_metadata(tmp_path, trained, fp32_model):
     assert meta["metrics"]["steps"] == 6 and meta["metrics"]["eval_loss"] == result.metrics.eval_loss
     assert meta["timings"]["seconds"] == result.metrics.seconds and meta["created_at"].endswith("+00:00")
     assert meta["loraserve_version"] == "0.1.0"
+    # settings.template "auto" on a tokenizer with a chat template: prompts were rendered as chat.
+    assert settings.template == "auto" and meta["rendering"]["template"] == "chat"
+    assert parse_rendering(meta["rendering"]) == CHAT
     assert [p.name for p in target.parent.iterdir()] == ["my-adapter"]  # no temporary left behind
     umask = os.umask(0)
     os.umask(umask)

@@ -29,6 +29,8 @@ from loraserve.v1 import (
     training_pb2_grpc,
 )
 
+# The adapter files an upload carries: PEFT's two and loraserve's metadata (task heads' labels, rendering).
+UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "loraserve_metadata.json")
 _FINISH = {inference_pb2.FINISH_REASON_STOP: "stop", inference_pb2.FINISH_REASON_LENGTH: "length"}
 _STATE = {adapter_pb2.ADAPTER_STATE_DISK: "disk", adapter_pb2.ADAPTER_STATE_CPU: "cpu",
           adapter_pb2.ADAPTER_STATE_GPU: "gpu"}
@@ -115,7 +117,7 @@ class Client:
         self.channel.close()
 
     @staticmethod
-    def _request(cls, prompt, messages, adapter_id, max_new_tokens, temperature, top_p, top_k, seed, stop):
+    def _request(cls, prompt, messages, adapter_id, max_new_tokens, temperature, top_p, top_k, seed, stop, raw_prompt=False):
         sampling = inference_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                                 stop=list(stop))
         if top_p is not None:
@@ -123,21 +125,26 @@ class Client:
         if seed is not None:
             sampling.seed = seed
         chat = [inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
-        return cls(adapter_id=adapter_id or "", prompt=prompt or "", messages=chat, sampling=sampling)
+        return cls(adapter_id=adapter_id or "", prompt=prompt or "", messages=chat, sampling=sampling,
+                   raw_prompt=raw_prompt)
 
     def predict(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, adapter_id: str = "",
                 max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
-                seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None) -> Completion:
+                seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None,
+                raw_prompt: bool = False) -> Completion:
+        """A whole completion. A prompt to an adapter is rendered as its training rendered prompts (the
+        chat template for adapters trained with it); raw_prompt=True sends the text as is."""
         req = self._request(inference_pb2.PredictRequest, prompt, messages, adapter_id, max_new_tokens, temperature,
-                            top_p, top_k, seed, stop)
+                            top_p, top_k, seed, stop, raw_prompt)
         resp = self.inference.Predict(req, timeout=timeout or self.timeout, metadata=_route(adapter_id))
         return _completion(resp.text, resp)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, adapter_id: str = "",
                max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
-               seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None) -> Iterator[Chunk]:
+               seed: int | None = None, stop: Sequence[str] = (), timeout: float | None = None,
+               raw_prompt: bool = False) -> Iterator[Chunk]:
         req = self._request(inference_pb2.PredictStreamRequest, prompt, messages, adapter_id, max_new_tokens,
-                            temperature, top_p, top_k, seed, stop)
+                            temperature, top_p, top_k, seed, stop, raw_prompt)
         text = []
         for resp in self.inference.PredictStream(req, timeout=timeout or self.timeout, metadata=_route(adapter_id)):
             text.append(resp.text_delta)
@@ -169,7 +176,7 @@ class Client:
             req.path = path
         if upload_dir is not None:
             files = {p.name: p.read_bytes() for p in Path(upload_dir).iterdir()
-                     if p.name in ("adapter_config.json", "adapter_model.safetensors", "loraserve_metadata.json")}
+                     if p.name in UPLOADED}
             req.upload.files.update(files)
         return _adapter(self.adapters.LoadAdapter(req, timeout=self.timeout).adapter)
 

@@ -64,7 +64,9 @@ class InferenceServiceServicer:
         values (temperature < 0, top_p outside (0, 1], ...), prompt longer than the context window,
         max_new_tokens above the server's cap; the message names the limit.
         - NOT_FOUND: no adapter with that id under the server's adapter root.
-        - FAILED_PRECONDITION: the adapter's files are corrupt or do not fit this base model.
+        - FAILED_PRECONDITION: the adapter's files are corrupt or do not fit this base model, or a plain
+        prompt goes to an adapter whose recorded prompt rendering this server cannot reproduce (send
+        messages, or set raw_prompt).
         - RESOURCE_EXHAUSTED: the request queue is full; retry later.
         - UNAVAILABLE: the server is draining for shutdown.
         - CANCELLED / DEADLINE_EXCEEDED: the client cancelled, or its deadline passed; the request's
