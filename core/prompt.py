@@ -78,6 +78,16 @@ def parse_rendering(value) -> str:
     return CHAT
 
 
+def check_fits(tokenizer, texts: list[str], max_tokens: int, what: str = "the prompt") -> None:
+    """Refuse text that cannot fit max_tokens by its size alone, before it costs any tokenizer time or
+    memory: no token is longer than the vocabulary's longest entry."""
+    size = sum(len(t.encode("utf-8", "replace")) for t in texts)
+    cap = max_tokens * longest_token_bytes(tokenizer)
+    if size > cap:
+        raise InvalidArgument(f"{what} has {size} bytes, more than {max_tokens} tokens can hold "
+                              f"(at most {cap} bytes); the limit is {max_tokens} tokens")
+
+
 def render(tokenizer, prompt: str, messages: list[tuple[str, str]], max_tokens: int | None = None, *,
            prompt_as_chat: bool = False) -> list[int]:
     """Token ids of a prompt or of chat messages. With max_tokens, text that cannot fit is refused by its
@@ -86,11 +96,7 @@ def render(tokenizer, prompt: str, messages: list[tuple[str, str]], max_tokens: 
     if prompt and messages:
         raise InvalidArgument("give either prompt or messages, not both")
     if max_tokens is not None:
-        size = len(prompt.encode("utf-8", "replace")) + sum(len(c.encode("utf-8", "replace")) for _, c in messages)
-        cap = max_tokens * longest_token_bytes(tokenizer)
-        if size > cap:
-            raise InvalidArgument(f"the prompt has {size} bytes, more than {max_tokens} tokens can hold "
-                                  f"(at most {cap} bytes); the limit is {max_tokens} tokens")
+        check_fits(tokenizer, [prompt, *(c for _, c in messages)], max_tokens)
     if messages:
         for role, _ in messages:
             if role not in ROLES:

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Sequence
 
 from loraserve.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
 from loraserve.core.prompt import CHAT, render
+from loraserve.core.tasks.heads import GENERATION
 from loraserve.server.config import EngineConfig
 from loraserve.server.engine.types import Event, Failed, Finished, GenerationRequest, SamplingParams
 
@@ -54,6 +55,17 @@ async def generate(engine, tokenizer, metrics, adapter_id: str | None, prompt: s
     A plain prompt to an adapter is rendered as its training rendered the prompts of its examples
     (the registry reads that from the adapter's metadata), unless raw_prompt asks for the text as is."""
     ids = await asyncio.to_thread(_render, engine, tokenizer, adapter_id, prompt, messages, raw_prompt)
+    events = run(engine, metrics, adapter_id, ids, sampling, deadline)
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()  # now, not when collected: a caller that went away frees its row at once
+
+
+async def run(engine, metrics, adapter_id: str | None, ids: list[int], sampling: SamplingParams,
+              deadline: float | None = None, kind: str = GENERATION) -> AsyncIterator[Event]:
+    """Submit token ids as one request of the kind and yield its events (see generate)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -63,7 +75,7 @@ async def generate(engine, tokenizer, metrics, adapter_id: str | None, prompt: s
         except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
             pass
 
-    request = GenerationRequest(uuid.uuid4().hex, adapter_id, ids, sampling, emit, deadline)
+    request = GenerationRequest(uuid.uuid4().hex, adapter_id, ids, sampling, emit, deadline, kind=kind)
     engine.submit(request)
     metrics.observe_adapter_request(adapter_id or "")
     finished = False

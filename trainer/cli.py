@@ -17,6 +17,7 @@ from loraserve.core.lora.ids import check_id
 from loraserve.core.lora.layer import wrap_model
 from loraserve.core.model.config import CPU_KERNELS, QUANTIZATIONS, ModelConfig
 from loraserve.core.model.load import load_base
+from loraserve.core.tasks.heads import KINDS
 from loraserve.trainer.data import prepare, read_jsonl
 from loraserve.trainer.loop import TrainingFailed, train_adapter
 from loraserve.trainer.output import write_trained_adapter
@@ -47,14 +48,25 @@ SETTING_HELP = {
     "template": "prompt/completion rendering: chat template, plain concatenation, or auto",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "bf16": "bfloat16 autocast (CUDA only)",
+    "task": "what the adapter does: generation, seq_cls (classification), token_cls (entity tagging), qa",
+    "labels": "comma-separated label names or BIO tags; empty takes the data's",
+    "threshold": "multi-label: probability at which a label is predicted",
+    "repeat_input": "token_cls: read the words twice, tag the second copy",
+    "doc_stride": "qa: tokens shared by consecutive windows of a long context",
+    "max_answer_tokens": "qa: longest answer in tokens",
+    "head_learning_rate": "peak learning rate of the task head; 0 uses --learning-rate",
+    "metric_for_best_model": "evaluation metric early stopping follows (accuracy, entity_f1, f1, ...); "
+                             "empty: eval loss",
 }
-CHOICES = {"lr_scheduler": SCHEDULERS, "template": TEMPLATES}
+CHOICES = {"lr_scheduler": SCHEDULERS, "template": TEMPLATES, "task": KINDS}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("data, model and output")
     io.add_argument("--data", required=True, metavar="FILE.jsonl",
-                    help='training examples, one per line: {"prompt", "completion"} or {"messages": [...]}')
+                    help='training examples, one per line: {"prompt", "completion"} or {"messages": [...]}; '
+                         '{"text", "label"} / {"text", "labels"} (seq_cls); {"tokens", "tags"} / {"text", "entities"} '
+                         '(token_cls); SQuAD\'s {"context", "question", "answers"} (qa)')
     io.add_argument("--output", metavar="DIR", help="adapter directory to write (or --adapter-root and --adapter-id)")
     io.add_argument("--adapter-root", metavar="DIR", help="write to DIR/<adapter-id>, where a server finds it")
     io.add_argument("--adapter-id", metavar="ID", help="the adapter's name under --adapter-root")
@@ -88,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         target, adapter_id = _target(args)
         if target.exists() and not args.overwrite:
             return _fail(f"{target} already exists: pass --overwrite to replace it", 2)
-        examples = read_jsonl(args.data)
+        examples = read_jsonl(args.data, kind=settings.task)
         base = _load_base(args)
         ctx, wrapped = _wrap(base)
         dataset = prepare(examples, base.tokenizer, settings, base.eos_token_ids)

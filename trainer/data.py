@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from loraserve.core.errors import InvalidArgument, NotFound
 from loraserve.core.prompt import ROLES
+from loraserve.core.tasks.heads import GENERATION, QA
 from loraserve.trainer.render import (
     IGNORE,
     Example,
@@ -24,6 +25,14 @@ from loraserve.trainer.render import (
     use_chat,
 )
 from loraserve.trainer.settings import TrainSettings
+from loraserve.trainer.task_data import (
+    TaskExample,
+    TaskTokenized,
+    label_set,
+    parse_task_record,
+    task_data_hash,
+    tokenize_task,
+)
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
                bool: "a boolean", type(None): "null"}
@@ -43,16 +52,29 @@ class DataStats:
 
 
 @dataclass(frozen=True)
+class TaskLabels:
+    """A task kind's label set, resolved from the settings and the data."""
+
+    labels: tuple[str, ...]
+    multi_label: bool = False
+
+
+@dataclass(frozen=True)
 class PreparedData:
-    train: list[Tokenized]
-    eval: list[Tokenized]
+    train: list[Tokenized] | list[TaskTokenized]
+    eval: list[Tokenized] | list[TaskTokenized]
     stats: DataStats
     data_hash: str
     """sha256 of the canonical examples in order; recorded with the adapter it trained."""
+    task: TaskLabels | None = None
+    """Set for the task kinds beside generation."""
+    eval_examples: list[TaskExample] | None = None
+    """Task kinds: the held-out examples themselves (answers, tags) for the evaluation's metrics;
+    TaskTokenized.example indexes this list for eval items."""
 
 
-def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[Example]:
-    """Parse a JSONL file, one example per non-blank line."""
+def read_jsonl(path: str | Path, max_examples: int | None = None, kind: str = GENERATION) -> list[Example]:
+    """Parse a JSONL file, one example per non-blank line, in the format of the task kind."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -76,21 +98,25 @@ def read_jsonl(path: str | Path, max_examples: int | None = None) -> list[Exampl
             raise InvalidArgument(f"{source}: not valid JSON: {e.msg} (column {e.colno})") from None
         except RecursionError:  # json's decoder recurses per level: '[' * 100000 exhausts the stack
             raise InvalidArgument(f"{source}: JSON nested too deeply") from None
-        examples.append(parse_record(record, source))
+        examples.append(_parse(record, source, kind))
         _check_count(len(examples), max_examples)
     if not examples:
         raise InvalidArgument(f"data file {path.name!r} holds no examples (one JSON object per line)")
     return examples
 
 
-def parse_records(records: list, max_examples: int | None = None) -> list[Example]:
+def parse_records(records: list, max_examples: int | None = None, kind: str = GENERATION) -> list[Example]:
     """Validate inline examples (a Train request's list of objects) exactly like file lines."""
     if not isinstance(records, list):
         raise InvalidArgument(f"examples must be a list of objects, got {_json_type(records)}")
     if not records:
         raise InvalidArgument("the data set is empty: give at least one example")
     _check_count(len(records), max_examples)
-    return [parse_record(r, f"example {i}") for i, r in enumerate(records, start=1)]
+    return [_parse(r, f"example {i}", kind) for i, r in enumerate(records, start=1)]
+
+
+def _parse(record, source: str, kind: str):
+    return parse_record(record, source) if kind == GENERATION else parse_task_record(record, source, kind)
 
 
 def parse_record(record, source: str) -> Example:
@@ -156,6 +182,8 @@ def prepare(examples: list[Example], tokenizer, settings: TrainSettings, eos_tok
     """Tokenize, mask and split; raises InvalidArgument for the first example that cannot be used."""
     if not examples:
         raise InvalidArgument("the data set is empty: give at least one example")
+    if settings.task != GENERATION:
+        return prepare_task(examples, tokenizer, settings)
     eos = list(eos_token_ids) or [tokenizer.eos_token_id]
     if eos[0] is None:
         raise InvalidArgument("the base model's tokenizer has no EOS token: completions could not learn to stop")
@@ -173,6 +201,27 @@ def prepare(examples: list[Example], tokenizer, settings: TrainSettings, eos_tok
     )
     return PreparedData(train=[tokenized[i] for i in train_idx], eval=[tokenized[i] for i in eval_idx],
                         stats=stats, data_hash=data_hash(examples))
+
+
+def prepare_task(examples: list[TaskExample], tokenizer, settings: TrainSettings) -> PreparedData:
+    """Label set, tokenization and split (by example: every window of a context on the same side)."""
+    kind = settings.task
+    labels, multi = label_set(examples, kind, settings.labels)
+    options = settings.task_input()
+    items = [tokenize_task(e, i, tokenizer, kind, labels, multi, settings.max_length, options)
+             for i, e in enumerate(examples)]
+    train_idx, eval_idx = split_indices(len(examples), settings.eval_fraction, settings.seed)
+    # Training windows without the whole answer teach nothing about where it is: only the evaluation reads them.
+    train = [t for i in train_idx for t in items[i] if kind != QA or t.target]
+    if not train:
+        raise InvalidArgument("no training example fits max_length with its answer: raise max_length")
+    eval_items = [replace(t, example=j) for j, i in enumerate(eval_idx) for t in items[i]]
+    flat = [t for group in items for t in group]
+    stats = DataStats(examples=len(examples), train_examples=len(train_idx), eval_examples=len(eval_idx),
+                      truncated=sum(t.truncated for t in flat), tokens=sum(len(t.input_ids) for t in flat),
+                      completion_tokens=sum(t.label_tokens for t in flat))
+    return PreparedData(train=train, eval=eval_items, stats=stats, data_hash=task_data_hash(examples),
+                        task=TaskLabels(labels, multi), eval_examples=[examples[i] for i in eval_idx])
 
 
 def collate(batch: list[Tokenized], pad_token_id: int) -> dict[str, torch.Tensor]:

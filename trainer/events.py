@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class TrainMetrics:
     """Wall time of the run, evaluations and waits for the device included."""
     tokens_per_second: float
     stopped_early: bool
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    """Task kinds: the kept adapter's evaluation metrics (accuracy, macro_f1, entity_f1, exact_match, ...)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +57,9 @@ class Evaluation:
     step: int
     eval_loss: float
     perplexity: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Task kinds: accuracy, precision/recall/F1 (macro, per entity, ...), exact match: see
+    trainer.task_metrics; empty for generation."""
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def follow(stream: Iterator[api.TrainingEvent], args, out: TextIO, err: TextIO) 
                 bar(events.Progress(kind.step, kind.total_steps, kind.epoch, kind.loss, kind.learning_rate,
                                     kind.tokens_per_second, kind.eta_seconds))
             elif isinstance(kind, api.Evaluation):
-                bar(events.Evaluation(kind.step, kind.eval_loss, kind.perplexity))
+                bar(events.Evaluation(kind.step, kind.eval_loss, kind.perplexity, kind.metrics))
             elif isinstance(kind, api.Completed):
                 bar(events.Completed(_metrics(kind.metrics)))
                 _summary(kind, out)
@@ -131,7 +131,7 @@ def _train_arguments(args) -> dict:
 
 def _metrics(m: api.Metrics) -> events.TrainMetrics:
     return events.TrainMetrics(m.train_loss, m.eval_loss, m.perplexity, m.steps, m.tokens, m.seconds,
-                               m.tokens_per_second, m.stopped_early)
+                               m.tokens_per_second, m.stopped_early, m.eval_metrics)
 
 
 def _summary(done: api.Completed, out: TextIO) -> None:

@@ -31,8 +31,9 @@ from loraserve.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from loraserve.core.lora.layer import LoraContext, LoraLinear, TrainableLora
 from loraserve.core.lora.weights import matches_target
 from loraserve.core.model.load import BaseModel
+from loraserve.core.tasks.heads import GENERATION, new_head
 from loraserve.trainer.checkpoint import Checkpointing, TrainState
-from loraserve.trainer.data import DataStats, PreparedData, collate
+from loraserve.trainer.data import DataStats, PreparedData, TaskLabels, collate
 from loraserve.trainer.events import (
     Completed,
     Evaluation,
@@ -42,6 +43,14 @@ from loraserve.trainer.events import (
 )
 from loraserve.trainer.render import IGNORE
 from loraserve.trainer.settings import TrainSettings
+from loraserve.trainer.task_objective import (
+    Predictions,
+    collate_task,
+    head_logits,
+    loss_units,
+    scalar_metrics,
+    task_loss,
+)
 from torch import nn
 
 
@@ -68,6 +77,12 @@ class TrainResult:
     started_at: float
     """Unix time."""
     finished_at: float
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """Task kinds: the head's (weight [labels, hidden], bias), float32 on CPU."""
+    evaluation: dict | None = None
+    """Task kinds: the full metrics report of the kept adapter's last evaluation (per class, confusion)."""
+    task: TaskLabels | None = None
+    """Task kinds: the label set the head was trained on."""
 
 
 def select_modules(wrapped: dict[str, LoraLinear], targets) -> list[str]:
@@ -124,21 +139,39 @@ def train_adapter(base: BaseModel, ctx: LoraContext, wrapped: dict[str, LoraLine
         raise InvalidArgument("the data set has no training examples")
     names = select_modules(wrapped, settings.target_modules)
     lora = new_lora(settings, wrapped, names, base.device)
-    return _Run(base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints).run()
+    head = None
+    if settings.task != GENERATION:
+        if dataset.task is None:
+            raise InvalidArgument(f"a {settings.task} adapter needs data prepared for it")
+        generator = torch.Generator(device="cpu").manual_seed(settings.seed + 1)
+        weight, bias = new_head(settings.task, len(dataset.task.labels), base.model.config.hidden_size, generator,
+                                getattr(base.model.config, "initializer_range", 0.02))
+        head = nn.ParameterDict({"weight": nn.Parameter(weight.to(base.device))})
+        if bias is not None:
+            head["bias"] = nn.Parameter(bias.to(base.device))
+    return _Run(base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints, head).run()
 
 
 class _Run:
-    def __init__(self, base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints):
+    def __init__(self, base, ctx, lora, names, settings, dataset, turns, cancel, on_event, checkpoints, head=None):
         self.base, self.ctx, self.lora, self.names, self.settings = base, ctx, lora, names, settings
         self.data = dataset
+        self.head = head  # nn.ParameterDict (weight, bias) for the task kinds, None for generation
+        self.kind = settings.task
+        self.multi = dataset.task.multi_label if dataset.task is not None else False
+        self.eval_metrics: dict[str, float] = {}
+        self.eval_report: dict | None = None
+        self.best_report: dict | None = None
         self.turns, self.cancel, self.on_event, self.checkpoints = turns, cancel, on_event, checkpoints
         self.pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
         batches = math.ceil(len(dataset.train) / settings.batch_size)
         self.steps_per_epoch = math.ceil(batches / settings.gradient_accumulation_steps)
         self.total_steps = settings.max_steps or settings.epochs * self.steps_per_epoch
         warmup = math.ceil(settings.warmup_ratio * self.total_steps)
-        self.optimizer = torch.optim.AdamW(lora.parameters(), lr=settings.learning_rate,
-                                           weight_decay=settings.weight_decay)
+        groups = [{"params": list(lora.parameters())}]
+        if head is not None:
+            groups.append({"params": list(head.parameters()), "lr": settings.head_learning_rate or settings.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, self.total_steps, settings.lr_scheduler))
         # The run's state after its last whole optimizer step (`done`): what a checkpoint holds.
@@ -150,7 +183,9 @@ class _Run:
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.steps_per_epoch)
         self.eval_loss: float | None = None
         self.eval_pending = False  # stopped in the evaluation after step `done`: a resumed run evaluates first
-        self.best_loss: float | None = None
+        self.best_score: float | None = None  # metric_for_best_model, or -eval_loss: higher is better
+        self.best_eval_loss: float | None = None
+        self.best_metrics: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_evals = 0
         self.rng = _seeded_rng(settings.seed, base.device)
@@ -170,7 +205,8 @@ class _Run:
                 raise
             if self.settings.early_stopping_patience and self.best_state is not None:
                 self._restore_best()  # keep the adapter that evaluated best, not the last one
-                self.eval_loss = self.best_loss
+                self.eval_loss = self.best_eval_loss
+                self.eval_metrics, self.eval_report = self.best_metrics, self.best_report
             seconds = self.seconds + time.monotonic() - start
             metrics = TrainMetrics(
                 train_loss=sum(loss for loss, _ in self.recent) / sum(n for _, n in self.recent),
@@ -181,15 +217,21 @@ class _Run:
                 seconds=seconds,
                 tokens_per_second=self.tokens / seconds if seconds > 0 else 0.0,
                 stopped_early=stopped_early,
+                eval_metrics=dict(self.eval_metrics),
             )
             modules = {name: (self.lora.a[TrainableLora.key(name)].detach().cpu().clone(),
                               self.lora.b[TrainableLora.key(name)].detach().cpu().clone())
                        for name in self.names}
+            head = None
+            if self.head is not None:
+                bias = self.head["bias"].detach().cpu().clone() if "bias" in self.head else None
+                head = (self.head["weight"].detach().cpu().clone(), bias)
         finally:
             self._free()
         self._emit(Completed(metrics))
         return TrainResult(metrics=metrics, modules=modules, stats=self.data.stats, data_hash=self.data.data_hash,
-                           started_at=self.started_at, finished_at=time.time())
+                           started_at=self.started_at, finished_at=time.time(), head=head,
+                           evaluation=self.eval_report, task=self.data.task)
 
     def _steps(self, start: float) -> bool:
         """Train from step `done` to the end; returns whether early stopping ended the run."""
@@ -232,9 +274,10 @@ class _Run:
 
     def _train_step(self, step: int, group) -> tuple[float, int, int]:
         """One optimizer step over its micro-batches; returns (summed token loss, label tokens, tokens)."""
-        batches = [collate(b, self.pad_id) for b in group]
-        # Normalise by the whole step's label tokens, so accumulation equals one large batch.
-        labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        batches = [self._collate(b) for b in group]
+        # Normalise by the whole step's label tokens (examples, for most task kinds), so accumulation
+        # equals one large batch.
+        labels = max(1, sum(self._units(b) for b in batches))
         loss_sum, tokens = 0.0, 0
         self._live_rng = self.rng
         for k, batch in enumerate(batches):
@@ -252,8 +295,18 @@ class _Run:
                     self._optimizer_step(step)
         return loss_sum, labels, tokens
 
+    def _collate(self, items) -> dict[str, torch.Tensor]:
+        if self.head is None:
+            return collate(items, self.pad_id)
+        return collate_task(items, self.pad_id, self.kind, self.multi)
+
+    def _units(self, batch) -> int:
+        if self.head is None:
+            return int((batch["labels"][:, 1:] != IGNORE).sum())
+        return loss_units(batch, self.kind)
+
     def _optimizer_step(self, step: int) -> None:
-        params = self.lora.parameters()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm or float("inf"))
         if not torch.isfinite(norm):
             raise TrainingFailed(f"the gradient became {float(norm)} at step {step}: lower learning_rate")
@@ -262,11 +315,14 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _evaluate_and_judge(self, step: int) -> bool:
-        """Evaluate after `step` and track the best loss; returns whether early stopping ends the run."""
+        """Evaluate after `step` and track the best score (metric_for_best_model, else the eval loss);
+        returns whether early stopping ends the run."""
         self.eval_pending = True
         self.eval_loss = self._evaluate(step)
         self.eval_pending = False
-        if self._improved(self.eval_loss):
+        metric = self.settings.metric_for_best_model
+        score = self.eval_metrics[metric] if metric else -self.eval_loss
+        if self._improved(score):
             self.bad_evals = 0
             return False
         self.bad_evals += 1
@@ -276,20 +332,42 @@ class _Run:
     def _evaluate(self, step: int) -> float:
         total, labels = 0.0, 0
         size = self.settings.batch_size
+        s = self.settings
+        predictions = (Predictions(self.kind, self.data.task.labels, self.multi, s.threshold, s.max_answer_tokens)
+                       if self.head is not None else None)
         for i in range(0, len(self.data.eval), size):
             self._check_stop(step)
-            batch = collate(self.data.eval[i:i + size], self.pad_id)
+            items = self.data.eval[i:i + size]
+            batch = self._collate(items)
             with self._turn(), self._attached(training=False), torch.no_grad():
-                total += self._loss(batch).item()
-            labels += int((batch["labels"][:, 1:] != IGNORE).sum())
-        loss = total / labels
+                if predictions is None:
+                    total += self._loss(batch).item()
+                else:
+                    logits = self._head_logits(batch)
+                    total += task_loss(logits, batch, self.kind, self.multi).item()
+                    predictions.add(items, logits)
+            labels += self._units(batch)
+        loss = total / max(1, labels)
         if not math.isfinite(loss):
             raise TrainingFailed(f"the eval loss became {loss} at step {step}: lower learning_rate")
-        self._emit(Evaluation(step, loss, _perplexity(loss)))
+        if predictions is not None:
+            self.eval_report = predictions.report(self.data.eval_examples)
+            self.eval_metrics = scalar_metrics(self.eval_report)
+        self._emit(Evaluation(step, loss, _perplexity(loss), dict(self.eval_metrics)))
         return loss
 
+    def _head_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task head over the backbone's final hidden states (the LM head is never computed)."""
+        device = self.base.device
+        out = self.base.model.model(input_ids=batch["input_ids"].to(device),
+                                    attention_mask=batch["attention_mask"].to(device), use_cache=False)
+        return head_logits(out.last_hidden_state, batch, self.kind, self.head["weight"], self.head.get("bias"))
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy over the learned tokens (each predicted from the position before it)."""
+        """Summed cross-entropy over the learned tokens (each predicted from the position before it);
+        for a task kind, the head's summed loss over its units."""
+        if self.head is not None:
+            return task_loss(self._head_logits(batch), batch, self.kind, self.multi)
         device = self.base.device
         out = self.base.model(input_ids=batch["input_ids"].to(device),
                               attention_mask=batch["attention_mask"].to(device), use_cache=False)
@@ -344,10 +422,12 @@ class _Run:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"training cancelled at step {step} of {self.total_steps}")
 
-    def _improved(self, loss: float) -> bool:
-        if self.best_loss is not None and loss >= self.best_loss:
+    def _improved(self, score: float) -> bool:
+        """Higher is better: metric_for_best_model, or the negated eval loss."""
+        if self.best_score is not None and score <= self.best_score:
             return False
-        self.best_loss = loss
+        self.best_score = score
+        self.best_eval_loss, self.best_metrics, self.best_report = self.eval_loss, self.eval_metrics, self.eval_report
         if self.settings.early_stopping_patience:
             self.best_state = {k: p.detach().clone() for k, p in self._state().items()}
         return True
@@ -358,7 +438,9 @@ class _Run:
                 p.copy_(self.best_state[k])
 
     def _state(self) -> dict[str, nn.Parameter]:
-        return {**{"a." + k: p for k, p in self.lora.a.items()}, **{"b." + k: p for k, p in self.lora.b.items()}}
+        head = {"head." + k: p for k, p in self.head.items()} if self.head is not None else {}
+        return {**{"a." + k: p for k, p in self.lora.a.items()}, **{"b." + k: p for k, p in self.lora.b.items()},
+                **head}
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -383,7 +465,9 @@ class _Run:
         tensors["recent.loss"] = torch.tensor([loss for loss, _ in self.recent], dtype=torch.float64)
         tensors["recent.labels"] = torch.tensor([n for _, n in self.recent], dtype=torch.int64)
         info = {"step": self.done, "tokens": self.tokens, "seconds": seconds, "started_at": self.started_at,
-                "eval_loss": self.eval_loss, "eval_pending": self.eval_pending, "best_loss": self.best_loss,
+                "eval_loss": self.eval_loss, "eval_pending": self.eval_pending, "best_score": self.best_score,
+                "best_eval_loss": self.best_eval_loss, "best_metrics": self.best_metrics,
+                "eval_metrics": self.eval_metrics, "eval_report": self.eval_report, "best_report": self.best_report,
                 "bad_evals": self.bad_evals, "run": self._identity()}
         return TrainState(tensors, info)
 
@@ -422,7 +506,10 @@ class _Run:
         self.done, self.tokens, self.seconds = state.step, info["tokens"], info["seconds"]
         self.started_at = info["started_at"]
         self.eval_loss, self.eval_pending = info["eval_loss"], info["eval_pending"]
-        self.best_loss, self.bad_evals = info["best_loss"], info["bad_evals"]
+        self.best_score, self.bad_evals = info["best_score"], info["bad_evals"]
+        self.best_eval_loss, self.best_metrics = info["best_eval_loss"], info["best_metrics"]
+        self.eval_metrics, self.eval_report, self.best_report = (info["eval_metrics"], info["eval_report"],
+                                                                 info["best_report"])
 
     def _emit(self, event) -> None:
         if self.on_event is not None:
@@ -434,6 +521,8 @@ class _Run:
         self.optimizer.param_groups.clear()
         self.lora.a.clear()
         self.lora.b.clear()
+        if self.head is not None:
+            self.head.clear()
         self.best_state = None
 
 

@@ -23,6 +23,7 @@ from loraserve.core.errors import AlreadyExists, FailedPrecondition
 from loraserve.core.lora.weights import METADATA_FILE, AdapterSpec, write_adapter
 from loraserve.core.model.load import BaseModel
 from loraserve.core.prompt import rendering_record
+from loraserve.core.tasks.heads import PEFT_TASK_TYPE, HeadSpec
 from loraserve.trainer.loop import TrainResult
 from loraserve.trainer.render import use_chat
 from loraserve.trainer.settings import TrainSettings
@@ -54,8 +55,9 @@ def write_adapter_files(directory: Path, result: TrainResult, settings: TrainSet
     """The adapter's files, flushed to disk, into a directory not yet visible under its name (the
     server's registry renames it into place itself with AdapterRegistry.install_dir)."""
     spec = AdapterSpec(rank=settings.rank, alpha=settings.alpha, target_modules=list(settings.target_modules),
-                       use_rslora=settings.use_rslora, base_model=base.name, dropout=settings.dropout)
-    write_adapter(directory, spec, result.modules)
+                       use_rslora=settings.use_rslora, base_model=base.name, dropout=settings.dropout,
+                       task_type=PEFT_TASK_TYPE[settings.task])
+    write_adapter(directory, spec, result.modules, head=result.head)
     info = build_metadata(result, settings, base, adapter_id=adapter_id, task_id=task_id)
     (directory / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     _usual_modes(directory)
@@ -79,7 +81,18 @@ def build_metadata(result: TrainResult, settings: TrainSettings, base: BaseModel
                     "seconds": result.metrics.seconds},
         "created_at": _iso(datetime.now(timezone.utc).timestamp()),
         "loraserve_version": loraserve_version(),
+        **_task_metadata(result, settings),
     }
+
+
+def _task_metadata(result: TrainResult, settings: TrainSettings) -> dict:
+    """A task adapter's head: its kind, label names and input options (what the server builds requests
+    and reads results with), and the full evaluation report (per class, confusion matrix, ...)."""
+    if result.task is None:
+        return {}
+    spec = HeadSpec(settings.task, result.task.labels, result.task.multi_label, settings.threshold,
+                    settings.task_input())
+    return {"task": spec.to_dict(), "evaluation": result.evaluation}
 
 
 def loraserve_version() -> str:

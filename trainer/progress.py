@@ -51,7 +51,11 @@ class ProgressBar:
             elif event.step % self.every == 0 or event.step == event.total_steps:
                 self._line(progress_line(event))
         elif isinstance(event, Evaluation):
-            self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}, perplexity {event.perplexity:.2f}")
+            if event.metrics:  # a task adapter: its metrics say more than a perplexity
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in event.metrics.items())
+                self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}, {shown}")
+            else:
+                self._line(f"step {event.step}: eval loss {event.eval_loss:.4f}, perplexity {event.perplexity:.2f}")
         elif isinstance(event, Completed):
             if self.open_line:
                 self.stream.write("\n")

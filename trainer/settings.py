@@ -11,11 +11,16 @@ from dataclasses import asdict, dataclass, fields
 
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.lora.layer import DEFAULT_TARGETS
+from loraserve.core.tasks.heads import GENERATION, KINDS, QA, SEQ_CLS, TOKEN_CLS
 
 # LoraCacheConfig accepts --max-lora-rank up to this; a serving server may allow less.
 MAX_RANK = 1024
 SCHEDULERS = ("linear", "cosine", "constant")
 TEMPLATES = ("auto", "chat", "plain")
+METRICS = {GENERATION: (), SEQ_CLS: ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "subset_accuracy"),
+           TOKEN_CLS: ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+           QA: ("exact_match", "f1")}
+"""What metric_for_best_model may name, per task (multi-label: macro_f1, micro_f1, subset_accuracy)."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,33 @@ class TrainSettings:
     """Recompute activations in the backward pass: less memory, about a third slower."""
     bf16: bool = True
     """bfloat16 autocast for the forward pass; applies on CUDA only (CPU stays float32)."""
+    task: str = GENERATION
+    """What the adapter does: generation (a causal-LM LoRA), seq_cls (sequence classification, one
+    label or several), token_cls (entity tagging, BIO tags per word) or qa (extractive question
+    answering). The last three train a head on the backbone beside the LoRA (PEFT's modules_to_save)."""
+    labels: tuple[str, ...] = ()
+    """seq_cls: the label names; token_cls: the BIO tags (O, B-PER, I-PER, ...). Empty: the labels the
+    data uses, sorted (tags: O first, then B-/I- per type). Data labels outside a given set are refused."""
+    threshold: float = 0.5
+    """Multi-label classification: a label is predicted when its probability reaches this, in (0, 1)."""
+    repeat_input: bool = True
+    """token_cls: feed the words twice and tag the second copy, whose tokens have read the whole
+    sentence (a decoder's first copy has seen only the words before each token)."""
+    doc_stride: int = 128
+    """qa: tokens shared by consecutive windows of a context longer than max_length."""
+    max_answer_tokens: int = 30
+    """qa: the longest answer span considered, in tokens."""
+    head_learning_rate: float = 0.0
+    """Peak learning rate of the task head (a fresh layer, unlike the LoRA); 0 uses learning_rate."""
+    metric_for_best_model: str = ""
+    """The evaluation metric early stopping and the best checkpoint follow (higher is better), e.g.
+    accuracy, macro_f1, micro_f1, entity_f1, exact_match, f1; empty: the eval loss (lower is better)."""
 
     def __post_init__(self):
+        if isinstance(self.labels, str):  # the CLI's comma-separated form
+            object.__setattr__(self, "labels", tuple(x.strip() for x in self.labels.split(",") if x.strip()))
+        elif isinstance(self.labels, list):
+            object.__setattr__(self, "labels", tuple(self.labels))
         if isinstance(self.target_modules, str):
             # A comma-separated string is what the CLI and loose JSON give; store the tuple.
             object.__setattr__(self, "target_modules", tuple(t.strip() for t in self.target_modules.split(",")))
@@ -96,11 +126,28 @@ class TrainSettings:
             raise InvalidArgument("early_stopping_patience needs evaluation: set eval_fraction > 0")
         _in_range("max_length", self.max_length, 8, 1_048_576)
         _one_of("template", self.template, TEMPLATES)
+        _one_of("task", self.task, KINDS)
+        if not all(isinstance(x, str) and 0 < len(x) <= 128 for x in self.labels) or len(self.labels) > 4096 \
+                or len(set(self.labels)) != len(self.labels):
+            raise InvalidArgument("labels must be at most 4096 distinct names of 1 to 128 characters")
+        if self.labels and self.task in (GENERATION, QA):
+            raise InvalidArgument(f"labels apply to seq_cls and token_cls adapters, not {self.task}")
+        _in_range("threshold", self.threshold, 0.0, 1.0, low_open=True, high_open=True)
+        _in_range("doc_stride", self.doc_stride, 0, 1_048_576)
+        if self.task == QA and self.doc_stride >= self.max_length // 2:
+            raise InvalidArgument(f"doc_stride must be below half of max_length ({self.max_length // 2}), "
+                                  f"got {self.doc_stride}")
+        _in_range("max_answer_tokens", self.max_answer_tokens, 1, 1_048_576)
+        _in_range("head_learning_rate", self.head_learning_rate, 0.0, 1.0)
+        if self.metric_for_best_model and self.metric_for_best_model not in METRICS[self.task]:
+            allowed = ", ".join(METRICS[self.task]) or "none (generation follows the eval loss)"
+            raise InvalidArgument(f"metric_for_best_model {self.metric_for_best_model!r} is not a {self.task} "
+                                  f"metric; one of: {allowed}")
 
     def _check_types(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = type(f.default) if f.name != "target_modules" else tuple
+            expected = type(f.default) if f.name not in ("target_modules", "labels") else tuple
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))  # JSON and CLI give 16 for 16.0
                 continue
@@ -123,7 +170,16 @@ class TrainSettings:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["target_modules"] = list(self.target_modules)
+        out["labels"] = list(self.labels)
         return out
+
+    def task_input(self) -> dict:
+        """The input options of the task kind (core.tasks.inputs), recorded with the adapter."""
+        if self.task == TOKEN_CLS:
+            return {"repeat": self.repeat_input}
+        if self.task == QA:
+            return {"doc_stride": self.doc_stride, "max_answer_tokens": self.max_answer_tokens}
+        return {}
 
 
 def _in_range(name, value, low, high, low_open=False, high_open=False):

@@ -12,13 +12,26 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import re2
 import torch
 from loraserve.core.errors import FailedPrecondition
+from loraserve.core.tasks.heads import (
+    BACKBONE_PREFIX,
+    GENERATION,
+    HEAD_BIAS,
+    HEAD_MODULE,
+    HEAD_MODULE_NAMES,
+    TaskHead,
+    head_from_tensors,
+    kind_of,
+    parse_head_spec,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -28,6 +41,7 @@ METADATA_FILE = "loraserve_metadata.json"  # loraserve's own record beside PEFT'
 PEFT_PREFIX = "base_model.model."
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 MAX_CONFIG_BYTES = 1 << 20
+MAX_METADATA_BYTES = 1 << 20  # a trainer's file is a few KiB (the evaluation report included)
 MAX_PATTERN_CHARS = 512
 MAX_PATTERNS = 4096
 # What PEFT saves LoRA weights in. Integer, bool or complex tensors converted silently into nonsense (the
@@ -86,6 +100,11 @@ class AdapterSpec:
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     @property
+    def kind(self) -> str:
+        """generation, or the task head kind its task_type names (core.tasks.heads)."""
+        return kind_of(self.task_type)
+
+    @property
     def targets_list(self) -> list[str]:
         return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
 
@@ -96,6 +115,8 @@ class AdapterWeights:
 
     spec: AdapterSpec
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    head: TaskHead | None = None
+    """The task head of a seq_cls / token_cls / qa adapter (float32, on the CPU); None for generation."""
 
     @property
     def max_rank(self) -> int:
@@ -103,7 +124,8 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        lora = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        return lora + (self.head.nbytes if self.head is not None else 0)
 
 
 def read_spec(directory: Path) -> AdapterSpec:
@@ -126,8 +148,14 @@ def read_spec(directory: Path) -> AdapterSpec:
         raise FailedPrecondition("DoRA adapters (use_dora) are not supported")
     if raw.get("bias", "none") != "none":
         raise FailedPrecondition(f"bias={raw.get('bias')!r} is not supported: train with bias='none'")
-    if raw.get("modules_to_save"):
-        raise FailedPrecondition(f"modules_to_save {raw['modules_to_save']} is not supported: only LoRA weights serve")
+    task_type = raw.get("task_type") or "CAUSAL_LM"
+    saved = raw.get("modules_to_save")
+    if saved:
+        # A task head is the one module besides LoRA that serves (PEFT lists it with its own aliases).
+        if kind_of(task_type) == GENERATION or not (isinstance(saved, list) and len(saved) <= 8 and all(
+                isinstance(m, str) and m in HEAD_MODULE_NAMES for m in saved)):
+            raise FailedPrecondition(f"modules_to_save {str(saved)[:80]} is not supported: only LoRA weights and "
+                                     "the task head of a SEQ_CLS, TOKEN_CLS or QUESTION_ANS adapter serve")
     if raw.get("layers_to_transform") is not None:
         raise FailedPrecondition("layers_to_transform is not supported")
     if "r" not in raw or "target_modules" not in raw:
@@ -147,7 +175,6 @@ def read_spec(directory: Path) -> AdapterSpec:
     if not 0 <= dropout < 1:
         raise FailedPrecondition(f"{CONFIG_FILE}: lora_dropout must lie in [0, 1), got {dropout}")
     use_rslora = raw.get("use_rslora", False)
-    task_type = raw.get("task_type") or "CAUSAL_LM"
     base_model = raw.get("base_model_name_or_path")
     if not isinstance(use_rslora, bool) or not isinstance(task_type, str) or not isinstance(base_model, (str, type(None))):
         raise FailedPrecondition(f"{CONFIG_FILE}: use_rslora must be a boolean, task_type and "
@@ -201,12 +228,23 @@ def load_weights(directory: Path, shapes: dict[str, tuple[int, int]], max_rank: 
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FailedPrecondition(f"{WEIGHTS_FILE} is corrupt or truncated: {e}") from None
+    kind = spec.kind
+    head_name = HEAD_MODULE.get(kind)
+    backbone = BACKBONE_PREFIX.get(kind)
+    head_tensors: dict[str, torch.Tensor] = {}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        local = key.removeprefix(PEFT_PREFIX)
+        if head_name is not None and local in (f"{head_name}.weight", f"{head_name}.bias"):
+            head_tensors[local.rpartition(".")[2]] = tensor
+            continue
         m = _KEY_RE.match(key)
         if m is None:
-            raise FailedPrecondition(f"unexpected tensor {key!r}: only lora_A / lora_B weights are supported")
+            what = "lora_A / lora_B weights" + (f" and the {head_name} head" if head_name else "")
+            raise FailedPrecondition(f"unexpected tensor {key[:120]!r}: only {what} are supported")
         module = m["module"].removeprefix(PEFT_PREFIX)
+        if backbone and module.startswith(backbone):
+            module = "model." + module.removeprefix(backbone)
         if module not in shapes:
             raise FailedPrecondition(f"tensor {key!r} names module {module!r}, which this base model does not have")
         pairs.setdefault(module, {})[m["ab"]] = tensor
@@ -236,17 +274,78 @@ def load_weights(directory: Path, shapes: dict[str, tuple[int, int]], max_rank: 
             raise FailedPrecondition(f"module {module!r} holds NaN or infinite weights (as scaled by {scale:g} and "
                                      f"cast to {dtype})")
         modules[module] = (a, b)
-    return AdapterWeights(spec=spec, modules=modules)
+    head = None
+    if head_name is not None:
+        weight, bias = head_from_tensors(kind, head_tensors, _hidden_size(shapes))
+        if bias is None and HEAD_BIAS[kind]:
+            bias = torch.zeros(weight.shape[0])  # a head saved without its bias adds nothing there
+        task = (read_metadata(directory) or {}).get("task")
+        head = TaskHead(parse_head_spec(task, kind, weight.shape[0]), weight, bias)
+    return AdapterWeights(spec=spec, modules=modules, head=head)
+
+
+def _hidden_size(shapes: dict[str, tuple[int, int]]) -> int:
+    """The backbone's hidden size: what the projections reading the residual stream take in."""
+    for name, (fan_in, _) in shapes.items():
+        if name.endswith(("q_proj", "gate_proj", "up_proj")):
+            return fan_in
+    raise FailedPrecondition("this base model's layers do not show its hidden size: task heads cannot serve on it")
+
+
+def read_metadata(directory: Path) -> dict | None:
+    """loraserve_metadata.json as an object, None when there is none. Untrusted like every adapter file:
+    a regular file (no symlink, no FIFO), at most MAX_METADATA_BYTES, a JSON object; FailedPrecondition
+    names what is wrong, never the file's text."""
+    try:
+        fd = os.open(directory / METADATA_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise FailedPrecondition(f"{METADATA_FILE} cannot be opened: {e.strerror or type(e).__name__}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPrecondition(f"{METADATA_FILE} is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+    except OSError as e:
+        raise FailedPrecondition(f"{METADATA_FILE} cannot be read: {e.strerror or type(e).__name__}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_METADATA_BYTES:
+        raise FailedPrecondition(f"{METADATA_FILE} has more than {MAX_METADATA_BYTES} bytes")
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError):
+        raise FailedPrecondition(f"{METADATA_FILE} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise FailedPrecondition(f"{METADATA_FILE} is not a JSON object")
+    return meta
 
 
 def write_adapter(directory: Path, spec: AdapterSpec, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  extra_config: dict | None = None) -> None:
-    """Write PEFT's format: unscaled A [r, in], B [out, r] under PEFT's key names."""
+                  extra_config: dict | None = None,
+                  head: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+    """Write PEFT's format: unscaled A [r, in], B [out, r] under PEFT's key names, and for a task
+    adapter its head (weight, bias) as modules_to_save, under the names its Transformers class uses."""
     directory.mkdir(parents=True, exist_ok=True)
+    kind = spec.kind
+    backbone = BACKBONE_PREFIX.get(kind)
     tensors = {}
     for module, (a, b) in modules.items():
+        if backbone and module.startswith("model."):
+            module = backbone + module.removeprefix("model.")
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach().to("cpu").contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+    saved = None
+    if kind != GENERATION:
+        if head is None:
+            raise ValueError(f"a {kind} adapter needs its head")
+        name = HEAD_MODULE[kind]
+        tensors[f"{PEFT_PREFIX}{name}.weight"] = head[0].detach().to("cpu", torch.float32).contiguous()
+        if head[1] is not None:
+            tensors[f"{PEFT_PREFIX}{name}.bias"] = head[1].detach().to("cpu", torch.float32).contiguous()
+        saved = [name] if name == "qa_outputs" else ["classifier", "score"]  # what PEFT itself writes
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
@@ -261,7 +360,7 @@ def write_adapter(directory: Path, spec: AdapterSpec, modules: dict[str, tuple[t
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": saved,
         "rank_pattern": spec.rank_pattern,
         "alpha_pattern": spec.alpha_pattern,
         "base_model_name_or_path": spec.base_model,

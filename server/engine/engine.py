@@ -15,12 +15,14 @@ from collections import deque
 
 import torch
 from loraserve.core.errors import (
+    FailedPrecondition,
     InvalidArgument,
     LoraserveError,
     ResourceExhausted,
     Unavailable,
 )
 from loraserve.core.model.turns import DeviceTurns
+from loraserve.core.tasks.heads import GENERATION, QA, SEQ_CLS, TOKEN_CLS, TaskHead
 from loraserve.server.config import EngineConfig
 from loraserve.server.engine import llama
 from loraserve.server.engine.batch import RunningBatch
@@ -115,6 +117,9 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         self.validate(request.prompt_ids, request.sampling.max_new_tokens)
+        if request.kind != GENERATION and not isinstance(self.batch, StaticBatch):
+            raise FailedPrecondition(f"{request.kind} adapters are served by the static engine only (Llama-family "
+                                     "bases, --static-engine on); this server runs the generic engine")
         if request.adapter_id:
             self.registry.path_of(request.adapter_id)  # malformed or escaping ids fail now, not in a step
         with self._cond:
@@ -260,9 +265,15 @@ class Engine:
             if slot is None:
                 continue
             self._waiting.remove(req)
+            head = self.registry.slot_head(slot) if slot else None
+            mismatch = _kind_mismatch(req, head)
+            if mismatch is not None:
+                self.registry.release_slot(req.adapter_id, slot)
+                self._fail(req, mismatch)
+                continue
             seed = req.sampling.seed if req.sampling.seed is not None else new_seed()
             seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # any uint64 the API takes, as an int64 tensor
-            joining.append(Row(req, slot, TextStream(self.base.tokenizer, req.sampling.stop), seed))
+            joining.append(Row(req, slot, TextStream(self.base.tokenizer, req.sampling.stop), seed, head=head))
             free -= 1
         if joining:
             if self.metrics:
@@ -319,6 +330,10 @@ class Engine:
         text: list[tuple[Row, int]] = []
         for row, token in out:
             if row.finish_reason:
+                continue
+            if token is None:  # a task-head row: its prefill was the whole request
+                row.first_token = row.last_token_at = now
+                row.finish_reason = "stop"
                 continue
             if row.first_token is None:
                 row.first_token = now
@@ -388,3 +403,17 @@ class Engine:
             self.metrics.set_running(len(self.batch))
             self.metrics.set_lora_requests((r.request.adapter_id for r in self.batch.all_rows), waiting,
                                            len(self.registry.slot_ranks()) - 1)
+
+
+_CALL = {GENERATION: "Predict", SEQ_CLS: "Classify", TOKEN_CLS: "Tag", QA: "Answer"}
+
+
+def _kind_mismatch(req: GenerationRequest, head: TaskHead | None) -> FailedPrecondition | None:
+    """Why this request cannot run on its adapter's kind (generation on a head adapter or the reverse)."""
+    have = head.spec.kind if head is not None else GENERATION
+    if have == req.kind:
+        return None
+    if not req.adapter_id:
+        return FailedPrecondition(f"{req.kind} needs an adapter of that kind; the base model has no task head")
+    return FailedPrecondition(f"adapter {req.adapter_id!r} is a {have} adapter, not a {req.kind} one: "
+                              f"call {_CALL[have]} with it")

@@ -17,6 +17,7 @@ import queue
 import threading
 from typing import Callable
 
+import torch
 from loraserve.server.engine.row import Row
 from loraserve.server.engine.types import (
     Event,
@@ -106,7 +107,10 @@ class Output:
             tail = stream.finish() if reason in ("stop", "length") else ""
             if tail:
                 req.emit(TextDelta(tail, generated))
-            req.emit(Finished(reason, stream.text, len(req.prompt_ids), generated, timings))
+            head = row.head
+            logits = torch.cat(row.head_logits).cpu() if head is not None and reason == "stop" else None
+            req.emit(Finished(reason, stream.text, len(req.prompt_ids), generated, timings, logits,
+                              head.spec if head is not None else None))
         else:
             _, request, event = item
             request.emit(event)

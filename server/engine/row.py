@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+from loraserve.core.tasks.heads import TaskHead
 from loraserve.server.engine.detokenize import TextStream
 from loraserve.server.engine.types import GenerationRequest
 
@@ -28,3 +30,7 @@ class Row:
     """Prompt tokens already in the cache (chunked prefill)."""
     position: int | None = None
     """Position of the token fed to the next decode step; None while the prompt is being prefilled."""
+    head: TaskHead | None = None
+    """A task-head request's head (from its adapter's slot); the row leaves after its prefill."""
+    head_logits: list[torch.Tensor] = field(default_factory=list)
+    """The head's logits of each prefilled chunk, [chunk tokens or 1, labels], on the device."""

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from loraserve.core.tasks.heads import SEQ_CLS
 from loraserve.server.engine import llama
 from loraserve.server.engine.graphs import StepGraphs
 from loraserve.server.engine.lora_apply import (
@@ -145,8 +146,9 @@ class StaticBatch:
 
     # --- prefill: one chunk of prompt tokens ---------------------------------------------------
 
-    def prefill_chunk(self, slot_ranks: list[int]) -> list[tuple[Row, int]]:
-        """Up to the token budget of pending prompt tokens; rows whose prompt completes get a first token."""
+    def prefill_chunk(self, slot_ranks: list[int]) -> list[tuple[Row, int | None]]:
+        """Up to the token budget of pending prompt tokens; rows whose prompt completes get a first token,
+        task-head rows None (their head's logits are on the row, and they decode nothing)."""
         self._sync_ranks(slot_ranks)
         budget = self.prefill_tokens
         ids, positions, segments, row_slots, slots, done = [], [], [], [], [], []
@@ -186,16 +188,33 @@ class StaticBatch:
         def attend(i, q, k, v):
             return self.cache.prefill_attend(i, q, k, v, plan, scaling)
 
-        hidden = llama.forward(self.parts, ids_t, pos_t, attend, lora)
+        hidden = llama.forward(self.parts, ids_t, pos_t, attend, lora)  # [T, hidden]
+        self._apply_heads(hidden, segments)
+        self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.request.prompt_ids)]
+        out: list[tuple[Row, int | None]] = [(r, None) for r, _ in done if r.head is not None]
+        done = [(r, t) for r, t in done if r.head is None]
         if not done:
-            return []
+            return out
         last = torch.tensor([t for _, t in done], dtype=torch.long, device=dev)
         rows = [r for r, _ in done]
         logits = llama.logits(self.parts, hidden.index_select(0, last))  # [D, V]
         tokens = sample_rows(logits, rows)  # their first token: counter 0
         self._start_decoding(rows, tokens)
-        self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.request.prompt_ids)]
-        return list(zip(rows, tokens.tolist()))
+        return out + list(zip(rows, tokens.tolist()))
+
+    def _apply_heads(self, hidden: torch.Tensor, segments: list[tuple[int, int, int, int]]) -> None:
+        """Task-head rows of this chunk: their tokens' hidden states through their own adapter's head.
+        seq_cls reads only the prompt's last token; token_cls and qa read every token, chunk by chunk.
+        A head is a [labels, hidden] matmul per row: small beside the backbone pass all rows shared."""
+        for row, (_, start, t0, count) in zip(self.last_chunk, segments):
+            head = row.head
+            if head is None:
+                continue
+            if head.spec.kind == SEQ_CLS:
+                if start + count == len(row.request.prompt_ids):
+                    row.head_logits.append(head.logits(hidden[t0 + count - 1 : t0 + count]))  # [1, L]
+            else:
+                row.head_logits.append(head.logits(hidden[t0 : t0 + count]))  # [count, L]
 
     def _start_decoding(self, rows: list[Row], tokens: torch.Tensor) -> None:
         """The rows' state entries, written once (a few small host-to-device copies per joining batch)."""

@@ -6,6 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+from loraserve.core.tasks.heads import GENERATION, HeadSpec
+
 
 # A cancel that reaches the server this close to the request's deadline is taken as the deadline: the
 # client's deadline and the server's copy of it fire together, and the client's reset often arrives a
@@ -52,6 +55,11 @@ class Finished:
     prompt_tokens: int
     generated_tokens: int
     timings: Timings
+    head_logits: torch.Tensor | None = None
+    """A task-head request: its head's logits on the CPU, float32: [1, labels] for seq_cls (the last
+    token), [prompt tokens, labels] for token_cls and qa. None for generation."""
+    head: HeadSpec | None = None
+    """The spec of the head that produced head_logits (labels, threshold): the one the row ran on."""
 
 
 @dataclass(frozen=True)
@@ -73,3 +81,6 @@ class GenerationRequest:
     deadline: float | None = None
     """time.monotonic() after which the request finishes with reason 'deadline'."""
     arrival: float = field(default_factory=time.monotonic)
+    kind: str = GENERATION
+    """generation, or the task-head kind the adapter must have (core.tasks.heads): such a request is
+    prefilled only, and ends with its head's logits instead of generated tokens."""

@@ -10,10 +10,8 @@ pinned; the least recently used unpinned adapter is evicted first, in each tier.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import stat
 import shutil
 import tempfile
 import threading
@@ -42,13 +40,15 @@ from loraserve.core.lora.weights import (
     AdapterSpec,
     AdapterWeights,
     load_weights,
+    read_metadata,
     read_spec,
 )
 from loraserve.core.prompt import RAW, parse_rendering
+from loraserve.core.tasks.heads import TaskHead
+from loraserve.core.tasks.inputs import check_options
 
 log = logging.getLogger(__name__)
 
-MAX_METADATA_BYTES = 1 << 20  # a trainer's file is a few KiB
 ALLOWED_UPLOADS = {CONFIG_FILE, WEIGHTS_FILE, "README.md", METADATA_FILE}
 
 DISK, CPU, GPU = "disk", "cpu", "gpu"
@@ -97,7 +97,8 @@ class AdapterRegistry:
         self._retired: set[int] = set()  # slots detached from their adapter, freed when their rows finish
         self._fp: dict[str, tuple] = {}  # the files a cached copy (or a failed load) came from
         self._uploading: dict[str, int] = {}  # adapter -> slot being written
-        self._renderings: dict[str, tuple[tuple, str | FailedPrecondition]] = {}  # by metadata file identity
+        self._metadata_cache: dict[str, tuple[tuple, dict | None | FailedPrecondition]] = {}  # by file identity
+        self._heads: dict[int, TaskHead | None] = {}  # slot -> its adapter's task head, on the device
         some = next(iter(wrapped.values()), None)
         self.device = some.lora_a.device if some is not None else torch.device("cpu")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -150,7 +151,7 @@ class AdapterRegistry:
         """What identifies an adapter's files (inode, size, mtime of each); None when it is gone."""
         path = self.path_of(adapter_id)
         out = []
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        for name in (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE):  # the metadata holds a head's labels
             try:
                 st = (path / name).stat()
             except OSError:
@@ -282,6 +283,12 @@ class AdapterRegistry:
         for name, layer in self.wrapped.items():
             a, b = weights.modules.get(name, (None, None))
             layer.write_slot(slot, a, b)
+        # The head goes with the slot, so rows on a retired slot finish with the head they started on.
+        self._heads[slot] = weights.head.to(self.device) if weights.head is not None else None
+
+    def slot_head(self, slot: int) -> TaskHead | None:
+        """The task head held by a slot (None: a generation adapter, or slot 0, the base model)."""
+        return self._heads.get(slot)
 
     def release_slot(self, adapter_id: str, slot: int) -> None:
         with self._lock:
@@ -313,6 +320,7 @@ class AdapterRegistry:
 
     def _free(self, slot: int) -> None:
         self._slot_rank[slot] = 0
+        self._heads.pop(slot, None)
         self._free_slots.append(slot)
         self._report_residency()
 
@@ -347,54 +355,49 @@ class AdapterRegistry:
         return result
 
     def _rendering(self, adapter_id: str) -> str | FailedPrecondition:
-        path = self.path_of(adapter_id) / METADATA_FILE
+        meta = self._metadata(adapter_id)
+        if isinstance(meta, FailedPrecondition):
+            return self._bad_rendering(adapter_id, str(meta))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return RAW
-        except OSError as e:
-            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} cannot be opened: "
-                                                   f"{e.strerror or type(e).__name__}")
-        try:
-            st = os.fstat(fd)
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            with self._lock:
-                cached = self._renderings.get(adapter_id)
-            if cached is not None and cached[0] == key:
-                return cached[1]
-            if not stat.S_ISREG(st.st_mode):
-                result = self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not a regular file")
-            elif st.st_size > MAX_METADATA_BYTES:
-                result = self._bad_rendering(adapter_id, f"its {METADATA_FILE} has {st.st_size} bytes, more than "
-                                                         f"{MAX_METADATA_BYTES}")
-            else:
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    data = f.read(MAX_METADATA_BYTES + 1)
-                result = self._parse_rendering(adapter_id, data)
-        except OSError as e:
-            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} cannot be read: "
-                                                   f"{e.strerror or type(e).__name__}")
-        finally:
-            os.close(fd)
-        with self._lock:
-            self._renderings[adapter_id] = (key, result)
-        return result
-
-    def _parse_rendering(self, adapter_id: str, data: bytes) -> str | FailedPrecondition:
-        if len(data) > MAX_METADATA_BYTES:
-            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} has more than {MAX_METADATA_BYTES} bytes")
-        try:
-            meta = json.loads(data)
-        except (ValueError, RecursionError):  # the message only, never the file's text
-            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not valid JSON")
-        if not isinstance(meta, dict):
-            return self._bad_rendering(adapter_id, f"its {METADATA_FILE} is not a JSON object")
-        if "rendering" not in meta:
-            return RAW
-        try:
-            return parse_rendering(meta["rendering"])
+            return RAW if meta is None or "rendering" not in meta else parse_rendering(meta["rendering"])
         except ValueError as e:
             return self._bad_rendering(adapter_id, str(e))
+
+    def task_input(self, adapter_id: str) -> dict:
+        """The input options a task adapter's training used ("task" -> "input" in its metadata; none for
+        PEFT adapters made elsewhere: the defaults of core.tasks.inputs). FailedPrecondition when unusable."""
+        meta = self._metadata(adapter_id)
+        if isinstance(meta, FailedPrecondition):
+            raise FailedPrecondition(f"adapter {adapter_id!r}: {meta}")
+        task = (meta or {}).get("task") or {}
+        try:
+            if not isinstance(task, dict) or not isinstance(task.get("input", {}), dict):
+                raise FailedPrecondition(f"{METADATA_FILE}: task and its input must be objects")
+            return check_options(task.get("input", {}))
+        except FailedPrecondition as e:
+            raise FailedPrecondition(f"adapter {adapter_id!r}: {e}") from None
+
+    def _metadata(self, adapter_id: str) -> dict | None | FailedPrecondition:
+        """The adapter's loraserve_metadata.json (None: there is none), read once per file identity."""
+        path = self.path_of(adapter_id)
+        try:
+            st = os.stat(path / METADATA_FILE, follow_symlinks=False)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            return FailedPrecondition(f"its {METADATA_FILE} cannot be read: {e.strerror or type(e).__name__}")
+        with self._lock:
+            cached = self._metadata_cache.get(adapter_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            result = read_metadata(path)
+        except FailedPrecondition as e:
+            result = e
+        with self._lock:
+            self._metadata_cache[adapter_id] = (key, result)
+        return result
 
     @staticmethod
     def _bad_rendering(adapter_id: str, why: str) -> FailedPrecondition:

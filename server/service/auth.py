@@ -26,7 +26,8 @@ caller: ContextVar[str | None] = ContextVar("caller", default=None)
 RPC runs in its own task, so the value is the RPC's own (limits per key read it)."""
 
 _SCOPE_OF_SERVICE_METHOD = {
-    (inference_pb2, "InferenceService"): {"Predict": "inference", "PredictStream": "inference"},
+    (inference_pb2, "InferenceService"): {"Predict": "inference", "PredictStream": "inference", "Classify": "inference",
+                                          "Tag": "inference", "Answer": "inference"},
     (adapter_pb2, "AdapterService"): {"ListAdapters": "adapters:read", "GetAdapter": "adapters:read",
                                       "LoadAdapter": "adapters:write", "UnloadAdapter": "adapters:write",
                                       "DeleteAdapter": "adapters:write"},

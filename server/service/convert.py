@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from loraserve.core.lora.ids import check_id
 from loraserve.server.config import EngineConfig
-from loraserve.server.engine.types import Finished, SamplingParams
+from loraserve.server.engine.types import Finished, SamplingParams, Timings
 from loraserve.server.generation import checked_sampling
 from loraserve.server.lora.registry import CPU, DISK, GPU, AdapterInfo
+from loraserve.server.tasks import Answers, Classification, Tagging
 from loraserve.v1 import adapter_pb2, inference_pb2
 
 _FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH}
@@ -35,6 +36,31 @@ def usage_and_timings(done: Finished) -> tuple[inference_pb2.Usage, inference_pb
         inference_pb2.Timings(queue_seconds=t.queue_seconds, first_token_seconds=t.first_token_seconds,
                               total_seconds=t.total_seconds),
     )
+
+
+def _timings(t: Timings) -> inference_pb2.Timings:
+    return inference_pb2.Timings(queue_seconds=t.queue_seconds, first_token_seconds=t.first_token_seconds,
+                                 total_seconds=t.total_seconds)
+
+
+def classify_response(c: Classification) -> inference_pb2.ClassifyResponse:
+    return inference_pb2.ClassifyResponse(
+        labels=[inference_pb2.LabelScore(label=x.label, probability=x.probability) for x in c.labels],
+        predicted=c.predicted, multi_label=c.multi_label, usage=inference_pb2.Usage(prompt_tokens=c.prompt_tokens),
+        timings=_timings(c.timings))
+
+
+def tag_response(t: Tagging) -> inference_pb2.TagResponse:
+    return inference_pb2.TagResponse(
+        entities=[inference_pb2.Entity(label=e.label, start=e.start, end=e.end, text=e.text, score=e.score)
+                  for e in t.entities],
+        usage=inference_pb2.Usage(prompt_tokens=t.prompt_tokens), timings=_timings(t.timings))
+
+
+def answer_response(a: Answers) -> inference_pb2.AnswerResponse:
+    return inference_pb2.AnswerResponse(
+        answers=[inference_pb2.AnswerSpan(text=x.text, start=x.start, end=x.end, score=x.score) for x in a.answers],
+        usage=inference_pb2.Usage(prompt_tokens=a.prompt_tokens), timings=_timings(a.timings))
 
 
 def predict_response(done: Finished) -> inference_pb2.PredictResponse:

@@ -6,6 +6,7 @@ import time
 
 import grpc
 from loraserve.server.engine.types import Finished, TextDelta
+from loraserve.server import tasks
 from loraserve.server.generation import generate
 from loraserve.server.service import convert
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
@@ -18,11 +19,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         self.metrics = metrics
 
     def _events(self, request, context: grpc.aio.ServicerContext):
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         return generate(self.engine, self.tokenizer, self.metrics, convert.adapter_id_of(request), request.prompt,
                         convert.messages_of(request), convert.sampling_of(request.sampling, self.engine.config),
-                        deadline, raw_prompt=request.raw_prompt)
+                        _deadline(context), raw_prompt=request.raw_prompt)
 
     async def Predict(self, request, context):
         async for event in self._events(request, context):
@@ -35,3 +34,24 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 yield inference_pb2.PredictStreamResponse(text_delta=event.text)
             else:
                 yield convert.stream_final(event)
+
+    async def Classify(self, request, context):
+        result = await tasks.classify(self.engine, self.tokenizer, self.metrics, convert.adapter_id_of(request),
+                                      request.text, request.top_k, _deadline(context))
+        return convert.classify_response(result)
+
+    async def Tag(self, request, context):
+        result = await tasks.tag(self.engine, self.tokenizer, self.metrics, convert.adapter_id_of(request),
+                                 request.text, _deadline(context))
+        return convert.tag_response(result)
+
+    async def Answer(self, request, context):
+        result = await tasks.answer(self.engine, self.tokenizer, self.metrics, convert.adapter_id_of(request),
+                                    request.question, request.context, request.top_k, request.max_answer_tokens,
+                                    _deadline(context))
+        return convert.answer_response(result)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None

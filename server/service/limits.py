@@ -23,6 +23,9 @@ def method_limits(max_inference_bytes: int, max_train_bytes: int, max_upload_byt
     return {
         "InferenceService/Predict": max_inference_bytes,
         "InferenceService/PredictStream": max_inference_bytes,
+        "InferenceService/Classify": max_inference_bytes,
+        "InferenceService/Tag": max_inference_bytes,
+        "InferenceService/Answer": max_inference_bytes,
         "TrainingService/Train": max_train_bytes,
         "AdapterService/LoadAdapter": max_upload_bytes + SMALL_REQUEST_BYTES,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from loraserve.core.errors import InvalidArgument
+from loraserve.core.tasks.heads import GENERATION, QA, SEQ_CLS, TOKEN_CLS
 from loraserve.server.training.records import (
     CANCELLED,
     FAILED,
@@ -24,14 +25,19 @@ from loraserve.v1 import training_pb2 as pb
 _SCHEDULERS = {pb.LR_SCHEDULER_LINEAR: "linear", pb.LR_SCHEDULER_COSINE: "cosine",
                pb.LR_SCHEDULER_CONSTANT: "constant"}
 _TEMPLATES = {pb.PROMPT_TEMPLATE_AUTO: "auto", pb.PROMPT_TEMPLATE_CHAT: "chat", pb.PROMPT_TEMPLATE_PLAIN: "plain"}
-_ENUMS = {"lr_scheduler": (_SCHEDULERS, "LrScheduler"), "template": (_TEMPLATES, "PromptTemplate")}
+_TASKS = {pb.TASK_KIND_GENERATION: GENERATION, pb.TASK_KIND_SEQUENCE_CLASSIFICATION: SEQ_CLS,
+          pb.TASK_KIND_TOKEN_CLASSIFICATION: TOKEN_CLS, pb.TASK_KIND_QUESTION_ANSWERING: QA}
+_ENUMS = {"lr_scheduler": (_SCHEDULERS, "LrScheduler"), "template": (_TEMPLATES, "PromptTemplate"),
+          "task": (_TASKS, "TaskKind")}
 _STATES = {QUEUED: pb.TRAINING_JOB_STATE_QUEUED, RUNNING: pb.TRAINING_JOB_STATE_RUNNING,
            SUCCEEDED: pb.TRAINING_JOB_STATE_SUCCEEDED, FAILED: pb.TRAINING_JOB_STATE_FAILED,
            CANCELLED: pb.TRAINING_JOB_STATE_CANCELLED}
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
 # Settings whose proto field is a scalar of the same name and meaning as in TrainSettings.
+_LISTS = ("target_modules", "labels")
+_STRINGS = ("metric_for_best_model",)  # plain proto3 strings: empty means unset
 _SCALARS = [f.name for f in pb.TrainingSettings.DESCRIPTOR.fields
-            if f.name not in _ENUMS and f.name != "target_modules"]
+            if f.name not in _ENUMS and f.name not in _LISTS and f.name not in _STRINGS]
 
 
 def train_request_of(request: pb.TrainRequest) -> TrainRequest:
@@ -48,8 +54,12 @@ def train_request_of(request: pb.TrainRequest) -> TrainRequest:
 def settings_of(msg: pb.TrainingSettings) -> dict:
     """Only what the caller set: TrainSettings supplies defaults and checks every range."""
     out = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
-    if msg.target_modules:
-        out["target_modules"] = list(msg.target_modules)
+    for name in _LISTS:
+        if getattr(msg, name):
+            out[name] = list(getattr(msg, name))
+    for name in _STRINGS:
+        if getattr(msg, name):
+            out[name] = getattr(msg, name)
     for name, (names, enum) in _ENUMS.items():
         value = getattr(msg, name)
         if value:
@@ -61,7 +71,8 @@ def settings_of(msg: pb.TrainingSettings) -> dict:
 
 def settings_pb(settings: dict) -> pb.TrainingSettings:
     """A record's resolved settings; a name this server does not know (an older record) is left out."""
-    msg = pb.TrainingSettings(target_modules=settings.get("target_modules", ()))
+    msg = pb.TrainingSettings(target_modules=settings.get("target_modules", ()), labels=settings.get("labels", ()),
+                              metric_for_best_model=settings.get("metric_for_best_model", ""))
     for name in _SCALARS:
         if name in settings:
             setattr(msg, name, settings[name])
@@ -73,9 +84,20 @@ def settings_pb(settings: dict) -> pb.TrainingSettings:
 
 def _example_of(example: pb.TrainingExample) -> dict:
     # Unset fields stay out of the object, so "missing field" is told apart from an empty one.
-    out = {name: getattr(example, name) for name in ("prompt", "completion") if example.HasField(name)}
+    out = {name: getattr(example, name) for name in ("prompt", "completion", "text", "label", "context", "question")
+           if example.HasField(name)}
     if example.messages:
         out["messages"] = [{"role": m.role, "content": m.content} for m in example.messages]
+    if example.labels or example.multi_label:
+        out["labels"] = list(example.labels)
+    if example.tokens or example.tags:
+        out["tokens"], out["tags"] = list(example.tokens), list(example.tags)
+    if example.entities:
+        out["entities"] = [{"start": e.start, "end": e.end, "label": e.label} for e in example.entities]
+    elif "text" in out and "label" not in out and "labels" not in out:
+        out["entities"] = []  # a tagging example may have none
+    if example.HasField("answers"):
+        out["answers"] = {"text": list(example.answers.text), "answer_start": list(example.answers.answer_start)}
     return out
 
 
@@ -102,7 +124,8 @@ def progress_pb(p: Progress) -> pb.TrainingProgress:
 
 def metrics_pb(m: TrainMetrics) -> pb.TrainingMetrics:
     msg = pb.TrainingMetrics(train_loss=m.train_loss, steps=m.steps, tokens=m.tokens, seconds=m.seconds,
-                             tokens_per_second=m.tokens_per_second, stopped_early=m.stopped_early)
+                             tokens_per_second=m.tokens_per_second, stopped_early=m.stopped_early,
+                             eval_metrics=m.eval_metrics)
     if m.eval_loss is not None:
         msg.eval_loss = m.eval_loss
     if m.perplexity is not None:
@@ -123,7 +146,7 @@ def event_pb(event: JobEvent) -> pb.TrainingEvent:
         msg.progress.CopyFrom(progress_pb(kind))
     elif isinstance(kind, Evaluation):
         msg.evaluation.CopyFrom(pb.TrainingEvaluation(step=kind.step, eval_loss=kind.eval_loss,
-                                                      perplexity=kind.perplexity))
+                                                      perplexity=kind.perplexity, metrics=kind.metrics))
     elif isinstance(kind, JobCompleted):
         msg.completed.CopyFrom(pb.TrainingEvent.Completed(adapter_id=kind.adapter_id, metrics=metrics_pb(kind.metrics)))
     elif isinstance(kind, JobFailed):

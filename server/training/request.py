@@ -59,7 +59,7 @@ def validate(request: TrainRequest, base, wrapped, registry, config: TrainingCon
         raise InvalidArgument(f"max_length must be in [8, {base.context_window}] (the model's context window), "
                               f"got {settings.max_length}")
     select_modules(wrapped, settings.target_modules)  # every target must name a layer of this model
-    examples = _examples(request, config)
+    examples = _examples(request, config, settings.task)
     data = prepare(examples, base.tokenizer, settings, base.eos_token_ids)
     _check_budget(settings, data, config)
     if data.stats.truncated and not request.truncate:
@@ -86,18 +86,23 @@ def _check_budget(settings: TrainSettings, data: PreparedData, config: TrainingC
                               f"{mean} tokens); the server's --max-train-tokens is {config.max_tokens_per_job}")
 
 
-def _examples(request: TrainRequest, config: TrainingConfig):
+def _examples(request: TrainRequest, config: TrainingConfig, kind: str):
     if request.examples and request.dataset_path:
         raise InvalidArgument("give either examples or dataset_path, not both")
     if request.dataset_path:
         path = resolve_dataset(request.dataset_path, config.data_root)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as e:  # a name too long, a directory it may not enter: not a file it can read
+            raise InvalidArgument(f"dataset_path {request.dataset_path!r} cannot be resolved "
+                                  f"({e.strerror or type(e).__name__})") from None
+        if not is_file:
             # Said here with the caller's own path: the server's directory layout stays private.
             raise NotFound(f"dataset_path {request.dataset_path!r} names no file under the server's data root")
-        return read_jsonl(path, config.max_examples)
+        return read_jsonl(path, config.max_examples, kind)
     if not request.examples:
         raise InvalidArgument("the data set is empty: give examples, or a dataset_path under the server's data root")
-    return parse_records(request.examples, config.max_examples)
+    return parse_records(request.examples, config.max_examples, kind)
 
 
 def resolve_dataset(path: str, data_root: str) -> Path:
@@ -105,7 +110,11 @@ def resolve_dataset(path: str, data_root: str) -> Path:
     root = Path(data_root).expanduser().resolve()
     if "\x00" in path:
         raise InvalidArgument("dataset_path must not contain NUL characters")
-    resolved = (root / path).resolve()
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13, its text the full path
+        why = getattr(e, "strerror", None) or "a symlink loop"
+        raise InvalidArgument(f"dataset_path {path!r} cannot be resolved ({why})") from None
     if not resolved.is_relative_to(root):
         raise InvalidArgument(f"dataset_path {path!r} lies outside the server's data root; give a path relative to it")
     return resolved

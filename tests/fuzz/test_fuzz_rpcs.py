@@ -43,6 +43,10 @@ def context(fuzz_server, adapter_sources):
     valid = {
         "Predict": inference_pb2.PredictRequest(**predict),
         "PredictStream": inference_pb2.PredictStreamRequest(**predict),
+        "Classify": inference_pb2.ClassifyRequest(adapter_id="t-cls", text="A fine day", top_k=2),
+        "Tag": inference_pb2.TagRequest(adapter_id="t-tag", text="John lives in Paris."),
+        "Answer": inference_pb2.AnswerRequest(adapter_id="t-qa", question="Who?", context="John did it in Paris.",
+                                              top_k=2),
         "ListAdapters": adapter_pb2.ListAdaptersRequest(page_size=2),
         "GetAdapter": adapter_pb2.GetAdapterRequest(adapter_id="a0"),
         "LoadAdapter": adapter_pb2.LoadAdapterRequest(adapter_id="fz", upload=adapter_pb2.AdapterUpload(files=files),
@@ -56,7 +60,7 @@ def context(fuzz_server, adapter_sources):
         "WatchTrainingJob": training_pb2.WatchTrainingJobRequest(job_id=job_id),
     }
     hints = {  # plausible values for the fields the server looks things up by
-        "adapter_id": st.sampled_from(["", "a0", "a1", "a2", "fz", "fz-train"]),
+        "adapter_id": st.sampled_from(["", "a0", "a1", "a2", "fz", "fz-train", "t-cls", "t-tag", "t-qa"]),
         "path": st.sampled_from(["a0", "a1/", "./a2", "", "fz", "x" * 300]),
         "page_token": st.sampled_from(["", "a0", "a1", job_id]),
         "job_id": st.sampled_from([job_id, job_id[:-1], "../.jobs"]),

@@ -26,6 +26,11 @@ CALLS = {
     "/loraserve.v1.InferenceService/Predict": (inference_pb2.PredictRequest(prompt="Hi", sampling=SAMPLING), OK),
     "/loraserve.v1.InferenceService/PredictStream": (
         inference_pb2.PredictStreamRequest(prompt="Hi", sampling=SAMPLING), OK),
+    "/loraserve.v1.InferenceService/Classify": (inference_pb2.ClassifyRequest(adapter_id="absent", text="Hi"),
+                                                NOT_FOUND),
+    "/loraserve.v1.InferenceService/Tag": (inference_pb2.TagRequest(adapter_id="absent", text="Hi"), NOT_FOUND),
+    "/loraserve.v1.InferenceService/Answer": (
+        inference_pb2.AnswerRequest(adapter_id="absent", question="Who?", context="Me."), NOT_FOUND),
     "/loraserve.v1.AdapterService/ListAdapters": (adapter_pb2.ListAdaptersRequest(), OK),
     "/loraserve.v1.AdapterService/GetAdapter": (adapter_pb2.GetAdapterRequest(adapter_id="absent"), NOT_FOUND),
     "/loraserve.v1.AdapterService/LoadAdapter": (adapter_pb2.LoadAdapterRequest(adapter_id="absent"), NOT_FOUND),

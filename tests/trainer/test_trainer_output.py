@@ -122,7 +122,7 @@ def test_existing_target_is_refused_then_replaced_on_request(tmp_path, trained, 
 def test_a_failed_write_leaves_nothing(tmp_path, trained, fp32_model, monkeypatch):
     result, settings = trained
 
-    def broken(directory, spec, modules):
+    def broken(directory, spec, modules, head=None):
         (directory / WEIGHTS_FILE).write_bytes(b"half")
         raise OSError("disk full")
 

@@ -51,7 +51,7 @@ def open_channel(target: str, *, tls: bool = False, root_ca: Pem | None = None, 
 # a connection lost before the call started): reads, and generation, which changes nothing on the
 # server. Not Load/Unload/DeleteAdapter, Train or CancelTrainingJob: a retry could repeat their effect.
 RETRYABLE = {
-    "loraserve.v1.InferenceService": ("Predict", "PredictStream"),
+    "loraserve.v1.InferenceService": ("Predict", "PredictStream", "Classify", "Tag", "Answer"),
     "loraserve.v1.AdapterService": ("ListAdapters", "GetAdapter"),
     "loraserve.v1.TrainingService": ("GetTrainingJob", "ListTrainingJobs", "WatchTrainingJob"),
 }

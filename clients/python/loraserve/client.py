@@ -73,6 +73,38 @@ def _adapter(pb) -> Adapter:
                    pb.task_type, pb.size_bytes, pb.error)
 
 
+@dataclass(frozen=True)
+class Classification:
+    """Classify's answer: every label with its probability, most likely first; `predicted` is the decision
+    (the top label, or for a multi-label adapter every label at or above its threshold)."""
+
+    labels: list[tuple[str, float]]
+    predicted: list[str]
+    multi_label: bool
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A tagged span of the text: text[start:end] (offsets in code points, end exclusive)."""
+
+    label: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer span of the context: context[start:end]."""
+
+    text: str
+    start: int
+    end: int
+    score: float
+
+
 def _completion(text: str, pb) -> Completion:
     return Completion(text, _FINISH.get(pb.finish_reason, "unknown"), pb.usage.prompt_tokens,
                       pb.usage.generated_tokens, pb.timings.queue_seconds, pb.timings.first_token_seconds,
@@ -153,6 +185,27 @@ class Client:
                 yield Chunk(resp.text_delta, done.finish_reason, done)
             else:
                 yield Chunk(resp.text_delta)
+
+    def classify(self, text: str, *, adapter_id: str, top_k: int = 0, timeout: float | None = None) -> Classification:
+        """Labels of one text from a sequence-classification adapter."""
+        resp = self.inference.Classify(inference_pb2.ClassifyRequest(adapter_id=adapter_id, text=text, top_k=top_k),
+                                       timeout=timeout or self.timeout, metadata=_route(adapter_id))
+        return Classification([(x.label, x.probability) for x in resp.labels], list(resp.predicted),
+                              resp.multi_label, resp.usage.prompt_tokens)
+
+    def tag(self, text: str, *, adapter_id: str, timeout: float | None = None) -> list[Entity]:
+        """Entities in one text from an entity-tagging adapter, in text order."""
+        resp = self.inference.Tag(inference_pb2.TagRequest(adapter_id=adapter_id, text=text),
+                                  timeout=timeout or self.timeout, metadata=_route(adapter_id))
+        return [Entity(e.label, e.start, e.end, e.text, e.score) for e in resp.entities]
+
+    def answer(self, question: str, context: str, *, adapter_id: str, top_k: int = 1, max_answer_tokens: int = 0,
+               timeout: float | None = None) -> list[Answer]:
+        """The best answer spans of the context from an extractive question-answering adapter."""
+        req = inference_pb2.AnswerRequest(adapter_id=adapter_id, question=question, context=context, top_k=top_k,
+                                          max_answer_tokens=max_answer_tokens)
+        resp = self.inference.Answer(req, timeout=timeout or self.timeout, metadata=_route(adapter_id))
+        return [Answer(a.text, a.start, a.end, a.score) for a in resp.answers]
 
     def list_adapters(self, page_size: int = 0) -> list[Adapter]:
         out, token = [], ""

@@ -20,7 +20,11 @@ _ENUMS = {
     "lr_scheduler": {"linear": pb.LR_SCHEDULER_LINEAR, "cosine": pb.LR_SCHEDULER_COSINE,
                      "constant": pb.LR_SCHEDULER_CONSTANT},
     "template": {"auto": pb.PROMPT_TEMPLATE_AUTO, "chat": pb.PROMPT_TEMPLATE_CHAT, "plain": pb.PROMPT_TEMPLATE_PLAIN},
+    "task": {"generation": pb.TASK_KIND_GENERATION, "seq_cls": pb.TASK_KIND_SEQUENCE_CLASSIFICATION,
+             "token_cls": pb.TASK_KIND_TOKEN_CLASSIFICATION, "qa": pb.TASK_KIND_QUESTION_ANSWERING},
 }
+_LISTS = ("target_modules", "labels")
+_STRINGS = ("metric_for_best_model",)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Evaluation:
     step: int
     eval_loss: float
     perplexity: float
+    metrics: dict[str, float]
+    """Task adapters: accuracy, macro_f1, entity_f1, exact_match, ... on the held-out split."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class Metrics:
     seconds: float
     tokens_per_second: float
     stopped_early: bool
+    eval_metrics: dict[str, float]
+    """Task adapters: the kept adapter's evaluation metrics."""
 
 
 @dataclass(frozen=True)
@@ -125,8 +133,8 @@ def settings_pb(settings: dict | None) -> pb.TrainingSettings:
     for name, value in (settings or {}).items():
         if name not in pb.TrainingSettings.DESCRIPTOR.fields_by_name:
             raise ValueError(f"unknown training setting {name!r}")
-        if name == "target_modules":
-            msg.target_modules.extend([value] if isinstance(value, str) else value)
+        if name in _LISTS:
+            getattr(msg, name).extend([value] if isinstance(value, str) else value)
         elif name in _ENUMS:
             if value not in _ENUMS[name]:
                 raise ValueError(f"{name} must be one of {', '.join(_ENUMS[name])}, got {value!r}")
@@ -142,18 +150,35 @@ def settings_dict(msg: pb.TrainingSettings) -> dict:
         value = getattr(msg, field.name)
         if field.name in _ENUMS:
             out[field.name] = {v: k for k, v in _ENUMS[field.name].items()}.get(value)
-        elif field.name == "target_modules":
+        elif field.name in _LISTS:
             out[field.name] = list(value)
+        elif field.name in _STRINGS:
+            out[field.name] = value
         elif msg.HasField(field.name):
             out[field.name] = value
     return out
 
 
 def example_pb(example: dict) -> pb.TrainingExample:
-    """{"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}; other keys are ignored."""
-    msg = pb.TrainingExample(**{k: example[k] for k in ("prompt", "completion") if k in example})
+    """An example in its task's JSONL form: {"prompt", "completion"} or {"messages": [{"role", "content"}]};
+    {"text", "label"} or {"text", "labels"}; {"tokens", "tags"} or {"text", "entities"}; SQuAD's
+    {"context", "question", "answers": {"text", "answer_start"}}. Other keys are ignored."""
+    msg = pb.TrainingExample(**{k: example[k] for k in ("prompt", "completion", "text", "context", "question")
+                                if k in example})
+    if "label" in example:
+        msg.label = str(example["label"])
     msg.messages.extend(inference_pb2.ChatMessage(role=m["role"], content=m["content"])
                         for m in example.get("messages", ()))
+    if "labels" in example:
+        msg.labels.extend(example["labels"])
+        msg.multi_label = True
+    msg.tokens.extend(example.get("tokens", ()))
+    msg.tags.extend(example.get("tags", ()))
+    msg.entities.extend(pb.EntitySpan(start=e["start"], end=e["end"], label=e["label"])
+                        for e in example.get("entities", ()))
+    if "answers" in example:
+        msg.answers.text.extend(example["answers"]["text"])
+        msg.answers.answer_start.extend(example["answers"]["answer_start"])
     return msg
 
 
@@ -172,7 +197,7 @@ def progress_of(msg: pb.TrainingProgress) -> Progress:
 def metrics_of(msg: pb.TrainingMetrics) -> Metrics:
     return Metrics(msg.train_loss, msg.eval_loss if msg.HasField("eval_loss") else None,
                    msg.perplexity if msg.HasField("perplexity") else None, msg.steps, msg.tokens, msg.seconds,
-                   msg.tokens_per_second, msg.stopped_early)
+                   msg.tokens_per_second, msg.stopped_early, dict(msg.eval_metrics))
 
 
 def event_of(msg: pb.TrainingEvent) -> TrainingEvent:
@@ -185,7 +210,7 @@ def event_of(msg: pb.TrainingEvent) -> TrainingEvent:
     elif which == "progress":
         kind = progress_of(body)
     elif which == "evaluation":
-        kind = Evaluation(body.step, body.eval_loss, body.perplexity)
+        kind = Evaluation(body.step, body.eval_loss, body.perplexity, dict(body.metrics))
     elif which == "completed":
         kind = Completed(body.adapter_id, metrics_of(body.metrics))
     elif which == "failed":

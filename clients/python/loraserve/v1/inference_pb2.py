@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x94\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seed\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"T\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xa5\x01\n\x0ePredictRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nraw_prompt\x18\x05 \x01(\x08\"\x9e\x01\n\x0fPredictResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.loraserve.v1.Timings\"\xab\x01\n\x14PredictStreamRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nraw_prompt\x18\x05 \x01(\x08\"\xaa\x01\n\x15PredictStreamResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.loraserve.v1.Timings*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb6\x01\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.loraserve.v1.PredictRequest\x1a\x1d.loraserve.v1.PredictResponse\x12Z\n\rPredictStream\x12\".loraserve.v1.PredictStreamRequest\x1a#.loraserve.v1.PredictStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x94\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x08\n\x06_top_pB\x07\n\x05_seed\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"T\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xa5\x01\n\x0ePredictRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nraw_prompt\x18\x05 \x01(\x08\"\x9e\x01\n\x0fPredictResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.loraserve.v1.Timings\"\xab\x01\n\x14PredictStreamRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x12\n\nraw_prompt\x18\x05 \x01(\x08\"\xaa\x01\n\x15PredictStreamResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x31\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.loraserve.v1.Timings\"B\n\x0f\x43lassifyRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"\xb0\x01\n\x10\x43lassifyResponse\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.loraserve.v1.LabelScore\x12\x11\n\tpredicted\x18\x02 \x03(\t\x12\x13\n\x0bmulti_label\x18\x03 \x01(\x08\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.loraserve.v1.Timings\".\n\nTagRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\"\x81\x01\n\x0bTagResponse\x12&\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x14.loraserve.v1.Entity\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.loraserve.v1.Timings\"p\n\rAnswerRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x19\n\x11max_answer_tokens\x18\x05 \x01(\r\"E\n\nAnswerSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x01\"\x87\x01\n\x0e\x41nswerResponse\x12)\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x18.loraserve.v1.AnswerSpan\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.loraserve.v1.Timings*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x82\x03\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.loraserve.v1.PredictRequest\x1a\x1d.loraserve.v1.PredictResponse\x12Z\n\rPredictStream\x12\".loraserve.v1.PredictStreamRequest\x1a#.loraserve.v1.PredictStreamResponse0\x01\x12I\n\x08\x43lassify\x12\x1d.loraserve.v1.ClassifyRequest\x1a\x1e.loraserve.v1.ClassifyResponse\x12:\n\x03Tag\x12\x18.loraserve.v1.TagRequest\x1a\x19.loraserve.v1.TagResponse\x12\x43\n\x06\x41nswer\x12\x1b.loraserve.v1.AnswerRequest\x1a\x1c.loraserve.v1.AnswerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1063
-  _globals['_FINISHREASON']._serialized_end=1158
+  _globals['_FINISHREASON']._serialized_start=1945
+  _globals['_FINISHREASON']._serialized_end=2040
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_SAMPLINGPARAMS']._serialized_start=93
@@ -49,6 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTSTREAMREQUEST']._serialized_end=888
   _globals['_PREDICTSTREAMRESPONSE']._serialized_start=891
   _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1061
-  _globals['_INFERENCESERVICE']._serialized_start=1161
-  _globals['_INFERENCESERVICE']._serialized_end=1343
+  _globals['_CLASSIFYREQUEST']._serialized_start=1063
+  _globals['_CLASSIFYREQUEST']._serialized_end=1129
+  _globals['_LABELSCORE']._serialized_start=1131
+  _globals['_LABELSCORE']._serialized_end=1179
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1182
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1358
+  _globals['_TAGREQUEST']._serialized_start=1360
+  _globals['_TAGREQUEST']._serialized_end=1406
+  _globals['_ENTITY']._serialized_start=1408
+  _globals['_ENTITY']._serialized_end=1488
+  _globals['_TAGRESPONSE']._serialized_start=1491
+  _globals['_TAGRESPONSE']._serialized_end=1620
+  _globals['_ANSWERREQUEST']._serialized_start=1622
+  _globals['_ANSWERREQUEST']._serialized_end=1734
+  _globals['_ANSWERSPAN']._serialized_start=1736
+  _globals['_ANSWERSPAN']._serialized_end=1805
+  _globals['_ANSWERRESPONSE']._serialized_start=1808
+  _globals['_ANSWERRESPONSE']._serialized_end=1943
+  _globals['_INFERENCESERVICE']._serialized_start=2043
+  _globals['_INFERENCESERVICE']._serialized_end=2429
 # @@protoc_insertion_point(module_scope)

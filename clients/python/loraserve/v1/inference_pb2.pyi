@@ -109,3 +109,103 @@ class PredictStreamResponse(_message.Message):
     usage: Usage
     timings: Timings
     def __init__(self, text_delta: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("adapter_id", "text", "top_k")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    text: str
+    top_k: int
+    def __init__(self, adapter_id: _Optional[str] = ..., text: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("labels", "predicted", "multi_label", "usage", "timings")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    MULTI_LABEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    predicted: _containers.RepeatedScalarFieldContainer[str]
+    multi_label: bool
+    usage: Usage
+    timings: Timings
+    def __init__(self, labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., predicted: _Optional[_Iterable[str]] = ..., multi_label: _Optional[bool] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class TagRequest(_message.Message):
+    __slots__ = ("adapter_id", "text")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    text: str
+    def __init__(self, adapter_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Entity(_message.Message):
+    __slots__ = ("label", "start", "end", "text", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    start: int
+    end: int
+    text: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class TagResponse(_message.Message):
+    __slots__ = ("entities", "usage", "timings")
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    entities: _containers.RepeatedCompositeFieldContainer[Entity]
+    usage: Usage
+    timings: Timings
+    def __init__(self, entities: _Optional[_Iterable[_Union[Entity, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class AnswerRequest(_message.Message):
+    __slots__ = ("adapter_id", "question", "context", "top_k", "max_answer_tokens")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    question: str
+    context: str
+    top_k: int
+    max_answer_tokens: int
+    def __init__(self, adapter_id: _Optional[str] = ..., question: _Optional[str] = ..., context: _Optional[str] = ..., top_k: _Optional[int] = ..., max_answer_tokens: _Optional[int] = ...) -> None: ...
+
+class AnswerSpan(_message.Message):
+    __slots__ = ("text", "start", "end", "score")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    start: int
+    end: int
+    score: float
+    def __init__(self, text: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+
+class AnswerResponse(_message.Message):
+    __slots__ = ("answers", "usage", "timings")
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[AnswerSpan]
+    usage: Usage
+    timings: Timings
+    def __init__(self, answers: _Optional[_Iterable[_Union[AnswerSpan, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...

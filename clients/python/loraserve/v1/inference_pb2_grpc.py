@@ -47,6 +47,21 @@ class InferenceServiceStub:
                 request_serializer=loraserve_dot_v1_dot_inference__pb2.PredictStreamRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_inference__pb2.PredictStreamResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/loraserve.v1.InferenceService/Classify',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Tag = channel.unary_unary(
+                '/loraserve.v1.InferenceService/Tag',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.TagRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.TagResponse.FromString,
+                _registered_method=True)
+        self.Answer = channel.unary_unary(
+                '/loraserve.v1.InferenceService/Answer',
+                request_serializer=loraserve_dot_v1_dot_inference__pb2.AnswerRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_inference__pb2.AnswerResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -84,6 +99,50 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classify runs a sequence-classification adapter (task kind seq_cls: a LoRA plus a score head
+        over the last token, single- or multi-label) on one text. One RPC per task kind, as vLLM's
+        /classify: each kind takes its own inputs and returns its own typed result, so a client never
+        unpacks a oneof or sends fields a kind ignores. These rows share the forward pass with every
+        other request (Predict's included); a classification costs one prefill and no decode steps.
+
+        Status codes:
+        - OK: every label with its probability, most likely first (top_k of them when set).
+        - INVALID_ARGUMENT: malformed or empty adapter id, empty text, text longer than the context
+        window (the message names the limit).
+        - NOT_FOUND: no adapter with that id.
+        - FAILED_PRECONDITION: the adapter is not a seq_cls adapter (generation, tagging or QA), or its
+        files are corrupt; or the server runs the generic engine (non-Llama base), which serves
+        generation only.
+        - RESOURCE_EXHAUSTED, UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED: as for Predict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tag(self, request, context):
+        """Tag runs an entity-tagging adapter (task kind token_cls: a head over every token, BIO tags) on
+        one text and returns its entities with character offsets. The text is split into words (runs
+        of letters and digits, each other visible character alone), as the trainer split its examples.
+
+        Status codes as for Classify (FAILED_PRECONDITION: not a token_cls adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Answer(self, request, context):
+        """Answer runs an extractive question-answering adapter (task kind qa: start/end heads over the
+        context tokens) and returns the best answer spans found in the context. A context longer than
+        the window is read in overlapping windows (the adapter's doc_stride), each one row of the batch.
+
+        Status codes as for Classify (INVALID_ARGUMENT also: empty question or context, a question
+        that leaves no room for the context; FAILED_PRECONDITION: not a qa adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +155,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.PredictStream,
                     request_deserializer=loraserve_dot_v1_dot_inference__pb2.PredictStreamRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_inference__pb2.PredictStreamResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.ClassifyRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Tag': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tag,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.TagRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.TagResponse.SerializeToString,
+            ),
+            'Answer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Answer,
+                    request_deserializer=loraserve_dot_v1_dot_inference__pb2.AnswerRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_inference__pb2.AnswerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -155,6 +229,87 @@ class InferenceService:
             '/loraserve.v1.InferenceService/PredictStream',
             loraserve_dot_v1_dot_inference__pb2.PredictStreamRequest.SerializeToString,
             loraserve_dot_v1_dot_inference__pb2.PredictStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/Classify',
+            loraserve_dot_v1_dot_inference__pb2.ClassifyRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/Tag',
+            loraserve_dot_v1_dot_inference__pb2.TagRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.TagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Answer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.InferenceService/Answer',
+            loraserve_dot_v1_dot_inference__pb2.AnswerRequest.SerializeToString,
+            loraserve_dot_v1_dot_inference__pb2.AnswerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,14 @@ class PromptTemplate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROMPT_TEMPLATE_CHAT: _ClassVar[PromptTemplate]
     PROMPT_TEMPLATE_PLAIN: _ClassVar[PromptTemplate]
 
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_GENERATION: _ClassVar[TaskKind]
+    TASK_KIND_SEQUENCE_CLASSIFICATION: _ClassVar[TaskKind]
+    TASK_KIND_TOKEN_CLASSIFICATION: _ClassVar[TaskKind]
+    TASK_KIND_QUESTION_ANSWERING: _ClassVar[TaskKind]
+
 class TrainingJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRAINING_JOB_STATE_UNSPECIFIED: _ClassVar[TrainingJobState]
@@ -41,6 +49,11 @@ PROMPT_TEMPLATE_UNSPECIFIED: PromptTemplate
 PROMPT_TEMPLATE_AUTO: PromptTemplate
 PROMPT_TEMPLATE_CHAT: PromptTemplate
 PROMPT_TEMPLATE_PLAIN: PromptTemplate
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_GENERATION: TaskKind
+TASK_KIND_SEQUENCE_CLASSIFICATION: TaskKind
+TASK_KIND_TOKEN_CLASSIFICATION: TaskKind
+TASK_KIND_QUESTION_ANSWERING: TaskKind
 TRAINING_JOB_STATE_UNSPECIFIED: TrainingJobState
 TRAINING_JOB_STATE_QUEUED: TrainingJobState
 TRAINING_JOB_STATE_RUNNING: TrainingJobState
@@ -49,7 +62,7 @@ TRAINING_JOB_STATE_FAILED: TrainingJobState
 TRAINING_JOB_STATE_CANCELLED: TrainingJobState
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("rank", "alpha", "dropout", "target_modules", "use_rslora", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler", "weight_decay", "max_grad_norm", "seed", "eval_fraction", "eval_steps", "early_stopping_patience", "max_length", "template", "gradient_checkpointing", "bf16")
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "use_rslora", "learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "lr_scheduler", "weight_decay", "max_grad_norm", "seed", "eval_fraction", "eval_steps", "early_stopping_patience", "max_length", "template", "gradient_checkpointing", "bf16", "task", "labels", "threshold", "repeat_input", "doc_stride", "max_answer_tokens", "head_learning_rate", "metric_for_best_model")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +85,14 @@ class TrainingSettings(_message.Message):
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     BF16_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_INPUT_FIELD_NUMBER: _ClassVar[int]
+    DOC_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FOR_BEST_MODEL_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
     dropout: float
@@ -94,17 +115,63 @@ class TrainingSettings(_message.Message):
     template: PromptTemplate
     gradient_checkpointing: bool
     bf16: bool
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler: _Optional[_Union[LrScheduler, str]] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_steps: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., max_length: _Optional[int] = ..., template: _Optional[_Union[PromptTemplate, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., bf16: _Optional[bool] = ...) -> None: ...
+    task: TaskKind
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    repeat_input: bool
+    doc_stride: int
+    max_answer_tokens: int
+    head_learning_rate: float
+    metric_for_best_model: str
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler: _Optional[_Union[LrScheduler, str]] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_steps: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., max_length: _Optional[int] = ..., template: _Optional[_Union[PromptTemplate, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., bf16: _Optional[bool] = ..., task: _Optional[_Union[TaskKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., repeat_input: _Optional[bool] = ..., doc_stride: _Optional[int] = ..., max_answer_tokens: _Optional[int] = ..., head_learning_rate: _Optional[float] = ..., metric_for_best_model: _Optional[str] = ...) -> None: ...
+
+class EntitySpan(_message.Message):
+    __slots__ = ("start", "end", "label")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    label: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class AnswerAnnotations(_message.Message):
+    __slots__ = ("text", "answer_start")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_START_FIELD_NUMBER: _ClassVar[int]
+    text: _containers.RepeatedScalarFieldContainer[str]
+    answer_start: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[_Iterable[str]] = ..., answer_start: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainingExample(_message.Message):
-    __slots__ = ("prompt", "completion", "messages")
+    __slots__ = ("prompt", "completion", "messages", "text", "label", "labels", "multi_label", "tokens", "tags", "entities", "context", "question", "answers")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MULTI_LABEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     completion: str
     messages: _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]
-    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ...) -> None: ...
+    text: str
+    label: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    multi_label: bool
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    entities: _containers.RepeatedCompositeFieldContainer[EntitySpan]
+    context: str
+    question: str
+    answers: AnswerAnnotations
+    def __init__(self, prompt: _Optional[str] = ..., completion: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_inference_pb2.ChatMessage, _Mapping]]] = ..., text: _Optional[str] = ..., label: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., multi_label: _Optional[bool] = ..., tokens: _Optional[_Iterable[str]] = ..., tags: _Optional[_Iterable[str]] = ..., entities: _Optional[_Iterable[_Union[EntitySpan, _Mapping]]] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., answers: _Optional[_Union[AnswerAnnotations, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("adapter_id", "examples", "dataset_path", "settings", "overwrite", "truncate")
@@ -202,17 +269,33 @@ class TrainingProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingEvaluation(_message.Message):
-    __slots__ = ("step", "eval_loss", "perplexity")
+    __slots__ = ("step", "eval_loss", "perplexity", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     step: int
     eval_loss: float
     perplexity: float
-    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., perplexity: _Optional[float] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., eval_loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainingMetrics(_message.Message):
-    __slots__ = ("train_loss", "eval_loss", "perplexity", "steps", "tokens", "seconds", "tokens_per_second", "stopped_early")
+    __slots__ = ("train_loss", "eval_loss", "perplexity", "steps", "tokens", "seconds", "tokens_per_second", "stopped_early", "eval_metrics")
+    class EvalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +304,7 @@ class TrainingMetrics(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
     train_loss: float
     eval_loss: float
     perplexity: float
@@ -229,7 +313,8 @@ class TrainingMetrics(_message.Message):
     seconds: float
     tokens_per_second: float
     stopped_early: bool
-    def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., stopped_early: _Optional[bool] = ...) -> None: ...
+    eval_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., steps: _Optional[int] = ..., tokens: _Optional[int] = ..., seconds: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., stopped_early: _Optional[bool] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
     __slots__ = ("job_id", "adapter_id", "state", "queue_position", "create_time", "start_time", "end_time", "settings", "dataset_path", "examples", "data_sha256", "progress", "metrics", "error", "overwrite", "checkpoint_step", "checkpoint_failures", "resumed_from_step")
