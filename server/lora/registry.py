@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +72,8 @@ class AdapterInfo:
     """How a plain prompt to this adapter is rendered: core.prompt.RAW or CHAT (see prompt_rendering)."""
     rendering_error: str | None = None
     """Why the metadata's rendering cannot be used; plain prompts to the adapter then fail."""
+    labels: list[str] = field(default_factory=list)
+    """A task adapter's labels (see _labels)."""
 
 
 class AdapterRegistry:
@@ -424,7 +426,19 @@ class AdapterRegistry:
         rendering = self._rendering(adapter_id)
         bad = isinstance(rendering, FailedPrecondition)
         return AdapterInfo(adapter_id, state, spec.rank, spec.alpha, spec.targets_list, spec.task_type, size, slot,
-                           error, RAW if bad else rendering, str(rendering) if bad else None)
+                           error, RAW if bad else rendering, str(rendering) if bad else None,
+                           self._labels(adapter_id))
+
+    def _labels(self, adapter_id: str) -> list[str]:
+        """A task adapter's labels: its loaded head's, else what its metadata names (unchecked until it loads)."""
+        with self._lock:
+            weights = self._cpu.get(adapter_id)
+        if weights is not None and weights.head is not None:
+            return list(weights.head.spec.labels)
+        meta = self._metadata(adapter_id)
+        task = meta.get("task") if isinstance(meta, dict) else None
+        labels = task.get("labels") if isinstance(task, dict) else None
+        return [x for x in labels if isinstance(x, str)][:4096] if isinstance(labels, list) else []
 
     def load(self, adapter_id: str) -> AdapterInfo:
         """Validate and bring an adapter already under the root into the CPU tier."""

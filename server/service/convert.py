@@ -85,4 +85,6 @@ def adapter_pb(info: AdapterInfo) -> adapter_pb2.Adapter:
         task_type=info.task_type,
         size_bytes=info.size_bytes,
         error=info.error or "",
+        prompt_rendering=info.rendering,
+        labels=info.labels,
     )

@@ -54,6 +54,9 @@ def test_classify_gives_stock_peft_scores(srv, tiny_model_dir, task_adapter_sour
         assert sum(p for _, p in got.labels) == pytest.approx(1.0, abs=1e-5)
     top = srv.client.classify(TEXTS[0], adapter_id="t-cls", top_k=2)
     assert len(top.labels) == 2 and top.labels[0][1] >= top.labels[1][1]
+    info = srv.client.get_adapter("t-cls")
+    assert info.task_type == "SEQ_CLS" and info.labels == ("LABEL_0", "LABEL_1", "LABEL_2")
+    assert srv.client.get_adapter("t-multi").labels == ("sports", "politics", "tech")
 
 
 def test_multi_label_uses_sigmoids_and_the_adapters_threshold(srv, tiny_model_dir, task_adapter_sources):

@@ -66,11 +66,15 @@ class Adapter:
     task_type: str
     size_bytes: int
     error: str
+    prompt_rendering: str = ""
+    """How Predict renders a plain prompt to it: "plain" or "chat" (as its training did)."""
+    labels: tuple[str, ...] = ()
+    """A task adapter's labels (classes or BIO tags)."""
 
 
 def _adapter(pb) -> Adapter:
     return Adapter(pb.adapter_id, _STATE.get(pb.state, "unknown"), pb.rank, pb.alpha, tuple(pb.target_modules),
-                   pb.task_type, pb.size_bytes, pb.error)
+                   pb.task_type, pb.size_bytes, pb.error, pb.prompt_rendering, tuple(pb.labels))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraserve/v1/adapter.proto\x12\x0cloraserve.v1\"\xb3\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x11\n\ttask_type\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.loraserve.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"<\n\x12GetAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"t\n\rAdapterUpload\x12\x35\n\x05\x66iles\x18\x01 \x03(\x0b\x32&.loraserve.v1.AdapterUpload.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x84\x01\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12-\n\x06upload\x18\x03 \x01(\x0b\x32\x1b.loraserve.v1.AdapterUploadH\x00\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x42\x08\n\x06source\"=\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*s\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_STATE_GPU\x10\x03\x32\xc0\x03\n\x0e\x41\x64\x61pterService\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12O\n\nGetAdapter\x12\x1f.loraserve.v1.GetAdapterRequest\x1a .loraserve.v1.GetAdapterResponse\x12R\n\x0bLoadAdapter\x12 .loraserve.v1.LoadAdapterRequest\x1a!.loraserve.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".loraserve.v1.UnloadAdapterRequest\x1a#.loraserve.v1.UnloadAdapterResponse\x12X\n\rDeleteAdapter\x12\".loraserve.v1.DeleteAdapterRequest\x1a#.loraserve.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraserve/v1/adapter.proto\x12\x0cloraserve.v1\"\xdd\x01\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.loraserve.v1.AdapterState\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x11\n\ttask_type\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x18\n\x10prompt_rendering\x18\t \x01(\t\x12\x0e\n\x06labels\x18\n \x03(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.loraserve.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"<\n\x12GetAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"t\n\rAdapterUpload\x12\x35\n\x05\x66iles\x18\x01 \x03(\x0b\x32&.loraserve.v1.AdapterUpload.FilesEntry\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x84\x01\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x04path\x18\x02 \x01(\tH\x00\x12-\n\x06upload\x18\x03 \x01(\x0b\x32\x1b.loraserve.v1.AdapterUploadH\x00\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x42\x08\n\x06source\"=\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"?\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.loraserve.v1.Adapter\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*s\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x44\x41PTER_STATE_DISK\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_STATE_CPU\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_STATE_GPU\x10\x03\x32\xc0\x03\n\x0e\x41\x64\x61pterService\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12O\n\nGetAdapter\x12\x1f.loraserve.v1.GetAdapterRequest\x1a .loraserve.v1.GetAdapterResponse\x12R\n\x0bLoadAdapter\x12 .loraserve.v1.LoadAdapterRequest\x1a!.loraserve.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".loraserve.v1.UnloadAdapterRequest\x1a#.loraserve.v1.UnloadAdapterResponse\x12X\n\rDeleteAdapter\x12\".loraserve.v1.DeleteAdapterRequest\x1a#.loraserve.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERUPLOAD_FILESENTRY']._loaded_options = None
   _globals['_ADAPTERUPLOAD_FILESENTRY']._serialized_options = b'8\001'
-  _globals['_ADAPTERSTATE']._serialized_start=975
-  _globals['_ADAPTERSTATE']._serialized_end=1090
+  _globals['_ADAPTERSTATE']._serialized_start=1017
+  _globals['_ADAPTERSTATE']._serialized_end=1132
   _globals['_ADAPTER']._serialized_start=45
-  _globals['_ADAPTER']._serialized_end=224
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=226
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=286
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=288
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=376
-  _globals['_GETADAPTERREQUEST']._serialized_start=378
-  _globals['_GETADAPTERREQUEST']._serialized_end=417
-  _globals['_GETADAPTERRESPONSE']._serialized_start=419
-  _globals['_GETADAPTERRESPONSE']._serialized_end=479
-  _globals['_ADAPTERUPLOAD']._serialized_start=481
-  _globals['_ADAPTERUPLOAD']._serialized_end=597
-  _globals['_ADAPTERUPLOAD_FILESENTRY']._serialized_start=553
-  _globals['_ADAPTERUPLOAD_FILESENTRY']._serialized_end=597
-  _globals['_LOADADAPTERREQUEST']._serialized_start=600
-  _globals['_LOADADAPTERREQUEST']._serialized_end=732
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=734
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=795
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=797
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=839
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=841
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=904
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=906
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=948
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=950
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=973
-  _globals['_ADAPTERSERVICE']._serialized_start=1093
-  _globals['_ADAPTERSERVICE']._serialized_end=1541
+  _globals['_ADAPTER']._serialized_end=266
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=268
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=328
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=330
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=418
+  _globals['_GETADAPTERREQUEST']._serialized_start=420
+  _globals['_GETADAPTERREQUEST']._serialized_end=459
+  _globals['_GETADAPTERRESPONSE']._serialized_start=461
+  _globals['_GETADAPTERRESPONSE']._serialized_end=521
+  _globals['_ADAPTERUPLOAD']._serialized_start=523
+  _globals['_ADAPTERUPLOAD']._serialized_end=639
+  _globals['_ADAPTERUPLOAD_FILESENTRY']._serialized_start=595
+  _globals['_ADAPTERUPLOAD_FILESENTRY']._serialized_end=639
+  _globals['_LOADADAPTERREQUEST']._serialized_start=642
+  _globals['_LOADADAPTERREQUEST']._serialized_end=774
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=776
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=837
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=839
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=881
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=883
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=946
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=948
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=990
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=992
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1015
+  _globals['_ADAPTERSERVICE']._serialized_start=1135
+  _globals['_ADAPTERSERVICE']._serialized_end=1583
 # @@protoc_insertion_point(module_scope)

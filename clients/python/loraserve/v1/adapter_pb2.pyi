@@ -19,7 +19,7 @@ ADAPTER_STATE_CPU: AdapterState
 ADAPTER_STATE_GPU: AdapterState
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "state", "rank", "alpha", "target_modules", "task_type", "size_bytes", "error")
+    __slots__ = ("adapter_id", "state", "rank", "alpha", "target_modules", "task_type", "size_bytes", "error", "prompt_rendering", "labels")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class Adapter(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_RENDERING_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     state: AdapterState
     rank: int
@@ -36,7 +38,9 @@ class Adapter(_message.Message):
     task_type: str
     size_bytes: int
     error: str
-    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., task_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    prompt_rendering: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., task_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., prompt_rendering: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
