@@ -81,7 +81,7 @@ class TrainingConfig:
     max_jobs_per_key: int = 4
     """Jobs one API key may have queued or running at once (only with API keys on)."""
     max_examples: int = 100_000
-    """Examples accepted in one Train request."""
+    """Examples accepted in one Train request (--max-train-examples)."""
     max_steps_per_job: int = 100_000
     """Optimizer steps one job may plan (max_steps, or epochs x steps per epoch)."""
     max_tokens_per_job: int = 1_000_000_000
@@ -97,10 +97,11 @@ class TrainingConfig:
     def __post_init__(self):
         if self.checkpoint_every_steps < 0:
             raise ValueError("--checkpoint-every must be >= 0")
-        for name in ("max_concurrent_jobs", "max_queued_jobs", "max_jobs_per_key", "max_examples", "max_steps_per_job",
-                     "max_tokens_per_job"):
+        for name, flag in (("max_concurrent_jobs", "max-concurrent-jobs"), ("max_queued_jobs", "max-queued-jobs"),
+                           ("max_jobs_per_key", "max-jobs-per-key"), ("max_examples", "max-train-examples"),
+                           ("max_steps_per_job", "max-train-steps"), ("max_tokens_per_job", "max-train-tokens")):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ValueError(f"--{flag} must be >= 1")
         if not 0 < self.training_share <= 1:
             raise ValueError("--training-share must be in (0, 1]")
 

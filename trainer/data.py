@@ -241,7 +241,7 @@ def collate(batch: list[Tokenized], pad_token_id: int) -> dict[str, torch.Tensor
 
 def _check_count(count: int, max_examples: int | None) -> None:
     if max_examples is not None and count > max_examples:
-        raise InvalidArgument(f"more than {max_examples} examples: the server's limit (max_examples)")
+        raise InvalidArgument(f"more than {max_examples} examples: the server's limit (--max-train-examples)")
 
 
 def _json_type(value) -> str:

@@ -33,7 +33,7 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.GetTrainingJobResponse(job=convert.job_pb(self.jobs.snapshot(job)))
 
     async def ListTrainingJobs(self, request, context):
-        if request.page_token and not JOB_ID_RE.match(request.page_token):
+        if request.page_token and not JOB_ID_RE.fullmatch(request.page_token):
             raise InvalidArgument(f"page_token {request.page_token!r} is malformed")
         records, more = self.jobs.list(convert.state_of(request.state), request.page_token,
                                        request.page_size or DEFAULT_PAGE)

@@ -79,14 +79,14 @@ log = logging.getLogger(__name__)
 
 JOBS_DIR = ".jobs"
 TMP_PREFIX = ".train-"
-JOB_ID_RE = re.compile(r"^job-[0-9]{8}-[0-9]{9}-[0-9a-f]{6}$")
+JOB_ID_RE = re.compile(r"job-[0-9]{8}-[0-9]{9}-[0-9a-f]{6}")  # fullmatch: `$` also matches before a final "\n"
 RESUME_FAILED = "could not resume after the server restarted"
 NO_EXAMPLES = "its inline examples were not kept (it was submitted to an older server); submit it again"
 _STATE_OF = {JobCompleted: SUCCEEDED, JobFailed: FAILED, JobCancelled: CANCELLED}
 
 
 def check_job_id(job_id: str) -> str:
-    if not JOB_ID_RE.match(job_id or ""):
+    if not JOB_ID_RE.fullmatch(job_id or ""):
         raise InvalidArgument(f"job id {job_id!r} is malformed: job ids look like job-20250101-120000123-0a1b2c")
     return job_id
 

@@ -2,12 +2,16 @@
 and bad inputs mixed in. Every call ends with a documented status within a bound, the server stays
 healthy, and /metrics agree with what the clients saw.
 
-Reconciling the RPC counts: a call the client ended itself (a cancel, or its deadline) races with the
-server. When the server's last message and OK status were already on the wire, the server counts OK
-while the client sees CANCELLED / DEADLINE_EXCEEDED; when the client cancels before its request left,
-the server never sees the call. So for those two codes the server may count fewer than the client
-(never more), the difference shows up as extra OKs or not at all, and every other code must match
-exactly.
+Reconciling the RPC counts: a call the client ended itself (a cancel, or its deadline) can race with
+the server. When the server's last message and OK status were already on the wire, the server counts
+OK while the client sees CANCELLED / DEADLINE_EXCEEDED; when the client cancels before its request
+left, the server never sees the call. Those races are real for a deadline (it may fall just as the
+last token goes out) and for a Predict cancelled after a random delay (the reply may be on its way,
+or the request not yet sent), so for those the server may count fewer than the client (never more),
+the difference showing up as extra OKs or not at all. A PredictStream cancelled after its first
+chunks is different: the client cancels with all but the first few of its 24-48 tokens to generate, so
+the reset always reaches a handler that is still running; its CANCELLED count must match exactly
+(issue 11, defect 5a: such cancels were counted OK), as must every other code.
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def test_mixed_load_ends_every_call_with_a_documented_status_and_the_metrics_agr
         why = f"{method}: client {dict(seen)}, server {dict(counted)}"
         raced = 0
         for code in {*seen, *counted} - {"OK"}:
-            if code in {c.name for c in CLIENT_ENDED}:
+            if code in {c.name for c in CLIENT_ENDED} and not (method == "PredictStream" and code == "CANCELLED"):
                 assert counted[code] <= seen[code], why
                 raced += seen[code] - counted[code]
             else:

@@ -131,6 +131,22 @@ def test_unknown_and_malformed_job_ids(srv, call):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("call", ["get_training_job", "cancel_training_job", "watch_training_job"])
+def test_job_ids_ending_in_a_newline_are_malformed(srv, call):
+    # The job id check used re.match with "$", which also matches before a final newline: a well-formed id
+    # plus "\n" passed it (NOT_FOUND, or a lookup under a name no job has) instead of INVALID_ARGUMENT.
+    with pytest.raises(grpc.RpcError) as e:
+        result = getattr(srv.client, call)("job-20250101-120000000-abcdef\n")
+        if call == "watch_training_job":
+            list(result)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "malformed" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        srv.client.training.ListTrainingJobs(
+            training_pb2.ListTrainingJobsRequest(page_token="job-20250101-120000000-abcdef\n"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_accepted_with_truncate_and_overwrite(srv):
     long = [GOOD[0], {"prompt": "x", "completion": LONG}, GOOD[1]]
     events = list(srv.client.train("new", truncate=True, examples=long,
