@@ -178,7 +178,9 @@ def label_set(examples: list[TaskExample], kind: str, given: tuple[str, ...]) ->
                 check_bio(types)
             except InvalidArgument as e:
                 raise InvalidArgument(f"labels: {e}") from None
-            allowed = {OUTSIDE, *given}
+            if OUTSIDE not in given:  # O is always a tag (every word outside an entity has it): first, as by default
+                given = (OUTSIDE, *given)
+            allowed = set(given)
         else:
             entity_types = sorted({t[2:] for e in examples for t in e.tags if t != OUTSIDE})
             given = (OUTSIDE, *(f"{p}-{t}" for t in entity_types for p in ("B", "I")))
@@ -190,6 +192,8 @@ def label_set(examples: list[TaskExample], kind: str, given: tuple[str, ...]) ->
                                           f"({', '.join(sorted(allowed))[:200]})")
         return tuple(given), False
     if given:
+        if len(given) < 2 and not is_multi:
+            raise InvalidArgument(f"labels: {len(given)} label given; single-label classification needs at least 2")
         allowed = set(given)
         for e in examples:
             for label in e.labels:
