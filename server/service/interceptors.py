@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 
@@ -80,8 +81,12 @@ class ErrorsAndMetrics(grpc.aio.ServerInterceptor):
         async def stream(request, context):
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                async for item in inner_stream(request, context):
-                    yield item
+                result = inner_stream(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that streams with context.write() (grpc health's Watch) returns a coroutine
+                    await result
             except asyncio.CancelledError:
                 code = cancel_code(context)
                 raise
