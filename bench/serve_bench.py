@@ -114,7 +114,9 @@ def make_prompts(tokenizer, count: int, length: int, rng: random.Random) -> list
     """
     special = len(tokenizer("a", add_special_tokens=True)["input_ids"]) - len(
         tokenizer("a", add_special_tokens=False)["input_ids"])
-    words = [i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"[Ġ▁][a-z]{3,8}", t)]
+    # Sorted by id: get_vocab()'s order changes from process to process (a Rust HashMap), and the same seed
+    # must give the same texts in every run.
+    words = sorted(i for t, i in tokenizer.get_vocab().items() if re.fullmatch(r"[Ġ▁][a-z]{3,8}", t))
     prompts = []
     while len(prompts) < count:
         text = tokenizer.decode([rng.choice(words) for _ in range(length - special)])
