@@ -1,4 +1,4 @@
-"""The `loraserve` command: serve, train, finetune, health, keys.
+"""The `loraserve` command: serve, train, finetune, health, keys, classify, tag, answer.
 
 Every `serve` flag can also come from a LORASERVE_<FLAG> environment variable (read here, once), and
 LORASERVE_API_KEY adds one API key with every scope. The commands that talk to a server take the
@@ -24,6 +24,7 @@ from loraserve.server.config import (
     StartupError,
     TrainingConfig,
 )
+from loraserve.server.task_cli import TASK_COMMANDS
 
 ENV_PREFIX = "LORASERVE_"
 
@@ -94,9 +95,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-jobs", type=int,
                    default=_env("max-concurrent-jobs", TrainingConfig().max_concurrent_jobs, int),
                    help="training jobs running at once; the others queue (default %(default)s)")
+    p.add_argument("--max-queued-jobs", type=int,
+                   default=_env("max-queued-jobs", TrainingConfig().max_queued_jobs, int),
+                   help="training jobs waiting to start before Train answers RESOURCE_EXHAUSTED (default %(default)s)")
     p.add_argument("--max-jobs-per-key", type=int,
                    default=_env("max-jobs-per-key", TrainingConfig().max_jobs_per_key, int),
                    help="training jobs one API key may have queued or running (default %(default)s)")
+    p.add_argument("--max-train-examples", type=int,
+                   default=_env("max-train-examples", TrainingConfig().max_examples, int),
+                   help="examples one Train request may give, inline or in its dataset file (default %(default)s)")
     p.add_argument("--max-train-steps", type=int,
                    default=_env("max-train-steps", TrainingConfig().max_steps_per_job, int),
                    help="optimizer steps one training job may plan (default %(default)s)")
@@ -149,7 +156,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                             max_seq_len=a.max_seq_len, kv_cache_fraction=a.kv_cache_fraction,
                             max_prefill_tokens=a.max_prefill_tokens, static_engine=a.engine == "static"),
         training=TrainingConfig(data_root=a.data_root, max_concurrent_jobs=a.max_concurrent_jobs,
-                                max_jobs_per_key=a.max_jobs_per_key,
+                                max_queued_jobs=a.max_queued_jobs, max_jobs_per_key=a.max_jobs_per_key,
+                                max_examples=a.max_train_examples,
                                 training_share=a.training_share, max_steps_per_job=a.max_train_steps,
                                 max_tokens_per_job=a.max_train_tokens, checkpoint_every_steps=a.checkpoint_every),
         max_concurrent_streams=a.max_concurrent_streams,
@@ -226,7 +234,7 @@ def run_keys(a: argparse.Namespace) -> int:
 
 # Commands answered before the trainer's parsers below import torch: a probe runs every few seconds.
 LIGHT_COMMANDS = {"health": (HEALTH_HELP, add_health_arguments, run_health),
-                  "keys": (KEYS_HELP, add_keys_arguments, run_keys)}
+                  "keys": (KEYS_HELP, add_keys_arguments, run_keys), **TASK_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
