@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.prompt import check_fits
-from loraserve.core.tasks.answer import top_spans
+from loraserve.core.tasks.answer import char_span, top_spans
 from loraserve.core.tasks.heads import QA, SEQ_CLS, TOKEN_CLS
 from loraserve.core.tasks.inputs import (
     DEFAULT_MAX_ANSWER_TOKENS,
@@ -181,7 +181,7 @@ async def answer(engine, tokenizer, metrics, adapter_id: str | None, question: s
         mask = torch.tensor([o is not None for o in w.offsets], dtype=torch.bool)
         logits = done.head_logits  # [window tokens, 2]
         for start, end, score in top_spans(logits[:, 0], logits[:, 1], mask, longest, max(1, top_k)):
-            key = (w.offsets[start][0], w.offsets[end][1])
+            key = char_span(context, w.offsets, start, end)
             spans[key] = max(score, spans.get(key, 0.0))  # a span in two overlapping windows: its best
     best = sorted(spans.items(), key=lambda kv: (-kv[1], kv[0]))[: max(1, top_k)]
     slowest = max(results, key=lambda d: d.timings.total_seconds).timings

@@ -22,6 +22,7 @@ from loraserve import training as api
 from loraserve.channel import add_channel_arguments, channel_settings
 from loraserve.client import Client
 from loraserve.core.errors import LoraserveError
+from loraserve.core.tasks.heads import GENERATION
 from loraserve.trainer import events
 from loraserve.trainer.cli import CHOICES, SETTING_HELP
 from loraserve.trainer.data import read_jsonl
@@ -122,9 +123,12 @@ def _train_arguments(args) -> dict:
     if not (args.data or args.dataset_path):
         raise _BadInput("give the examples: --data FILE.jsonl (local) or --dataset-path PATH (on the server)")
     settings = {f.name: getattr(args, f.name) for f in fields(TrainSettings) if getattr(args, f.name) is not None}
-    if "target_modules" in settings:
-        settings["target_modules"] = [t.strip() for t in settings["target_modules"].split(",")]
-    examples = [e.canonical() for e in read_jsonl(args.data)] if args.data else None
+    for name in ("target_modules", "labels"):  # comma-separated on the command line
+        if name in settings:
+            settings[name] = [t.strip() for t in settings[name].split(",") if t.strip()]
+    # Checked here in the task's own format, so a bad line is named before anything is sent.
+    examples = ([e.canonical() for e in read_jsonl(args.data, kind=settings.get("task", GENERATION))]
+                if args.data else None)
     return dict(adapter_id=args.adapter_id, examples=examples, dataset_path=args.dataset_path, settings=settings,
                 overwrite=args.overwrite, truncate=args.truncate)
 

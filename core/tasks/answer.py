@@ -135,3 +135,15 @@ def _occurrences(text: str, piece: str, limit: int) -> list[int]:
         found.append(at)
         at = text.find(piece, at + 1)
     return found
+
+
+def char_span(context: str, offsets: list[tuple[int, int] | None], start: int, end: int) -> tuple[int, int]:
+    """The characters of the token span [start, end] in the context, without the whitespace a byte-level
+    BPE token carries before its word (" Smith" -> "Smith"): what a reader calls the answer."""
+    first, last = offsets[start][0], offsets[end][1]
+    piece = context[first:last]
+    stripped = piece.strip()
+    if not stripped:
+        return first, last
+    first += len(piece) - len(piece.lstrip())
+    return first, first + len(stripped)

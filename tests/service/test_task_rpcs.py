@@ -101,7 +101,8 @@ def test_answer_gives_stock_peft_spans(srv, tiny_model_dir, task_adapter_sources
     assert 1 <= len(got) <= 3 and got[0].score >= got[-1].score
     best = got[0]
     assert CONTEXT[best.start:best.end] == best.text
-    s = next(i for i, o in enumerate(window.offsets) if o is not None and o[0] == best.start)
+    assert best.text == best.text.strip()  # the space a BPE token carries before its word is not the answer
+    s = next(i for i, o in enumerate(window.offsets) if o is not None and o[0] <= best.start < o[1])
     e = max(i for i, o in enumerate(window.offsets) if o is not None and o[1] == best.end)
     assert best.score == pytest.approx(float(start.softmax(-1)[s] * end.softmax(-1)[e]), rel=1e-4)
     # No other span within 30 tokens scores higher than the one served.

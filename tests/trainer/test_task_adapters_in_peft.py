@@ -10,7 +10,7 @@ import pytest
 import torch
 from harness import RunningServer
 from loraserve.core.lora.weights import CONFIG_FILE, WEIGHTS_FILE
-from loraserve.core.tasks.answer import top_spans
+from loraserve.core.tasks.answer import char_span, top_spans
 from loraserve.core.tasks.inputs import classification_ids, qa_windows, tagging_input
 from loraserve.core.tasks.words import split_words, word_spans_to_entities
 from loraserve.server import tasks as server_tasks
@@ -200,7 +200,7 @@ def test_answer_serves_stock_peft_spans_across_windows(srv, tok, trained, tiny_m
             assert torch.allclose(served, logits, atol=ATOL), (served - logits).abs().max()
             mask = torch.tensor([o is not None for o in w.offsets])
             for s, e, score in top_spans(logits[:, 0], logits[:, 1], mask, 20, 3):
-                key = (w.offsets[s][0], w.offsets[e][1])
+                key = char_span(context, w.offsets, s, e)
                 spans[key] = max(score, spans.get(key, 0.0))
         want = sorted(spans.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
         got = srv.client.answer(question, context, adapter_id="p-qa", top_k=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from loraserve.trainer import synthetic
 from harness import RunningServer
 from loraserve.server.cli import main
 
@@ -40,6 +41,20 @@ def test_finetune_shows_the_stream_and_registers_the_adapter(srv, data_file, cap
     job = srv.client.list_training_jobs()[-1]
     assert job.adapter_id == "cli" and job.settings["target_modules"] == ["q_proj", "v_proj"]
     assert srv.client.predict("Hello", adapter_id="cli", max_new_tokens=4).generated_tokens >= 1
+
+
+def test_finetune_a_task_adapter_from_a_local_file(srv, tmp_path, capsys):
+    path = tmp_path / "tags.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in synthetic.entities(8, 3)))
+    code = finetune(srv, "--adapter-id", "cli-tagger", "--data", str(path), "--task", "token_cls", "--max-steps", "2",
+                    "--batch-size", "4", "--eval-fraction", "0.25", "--labels", "O,B-PER,I-PER,B-LOC,I-LOC,B-ORG,"
+                    "I-ORG,B-MISC,I-MISC")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "entity_f1" in err  # the evaluation line shows the task's metrics
+    job = srv.client.list_training_jobs()[-1]
+    assert job.settings["task"] == "token_cls" and job.settings["labels"][:3] == ["O", "B-PER", "I-PER"]
+    assert isinstance(srv.client.tag("John Smith lives in Paris.", adapter_id="cli-tagger"), list)
 
 
 def test_detach_then_reattach_with_the_job_id(srv, data_file, capsys):
