@@ -112,7 +112,9 @@ class StaticBatch:
     def add(self, rows: list[Row]) -> None:
         """Give each row a cache row; its prompt is prefilled in chunks by the next steps."""
         for row in rows:
-            row.cache_row = self._free.pop()
+            # A decode step spans cache rows 0..top, holes included: task-head rows (prefill only) take the
+            # highest free rows, so the decoding rows stay packed at the bottom and no step pays for them.
+            row.cache_row = self._free.pop(0) if row.head is not None else self._free.pop()
             row.prefilled = 0
             self.rows.append(row)
             self._prefilling.append(row)
