@@ -1,4 +1,4 @@
-"""A stream its client cancels is counted under CANCELLED in /metrics, never OK (issue 11, defect 5a).
+"""A stream its client cancels is counted under CANCELLED in /metrics, never OK (such cancels were once counted OK).
 
 Each stream here asks for MAX_NEW tokens and is cancelled the moment its first chunk arrives, so when
 the client's reset reaches the server the request is still generating: the handler is interrupted,

@@ -11,7 +11,7 @@ or the request not yet sent), so for those the server may count fewer than the c
 the difference showing up as extra OKs or not at all. A PredictStream cancelled after its first
 chunks is different: the client cancels with all but the first few of its 24-48 tokens to generate, so
 the reset always reaches a handler that is still running; its CANCELLED count must match exactly
-(issue 11, defect 5a: such cancels were counted OK), as must every other code.
+(such cancels were once counted OK), as must every other code.
 """
 
 from __future__ import annotations

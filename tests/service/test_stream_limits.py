@@ -1,5 +1,5 @@
 """--max-concurrent-streams (ServerConfig.max_concurrent_streams, the server's grpc.max_concurrent_streams)
-bounds the RPCs one connection has open at once (issue 11, item 3).
+bounds the RPCs one connection has open at once.
 
 The server announces the limit as HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; a gRPC client holds a call
 beyond it until one of its connection's streams ends (RFC 9113 5.1.2 forbids exceeding it; had a stream

@@ -1,5 +1,5 @@
-"""Extreme but valid sampling values stream beside other clients' requests and fail nobody (issue 11,
-defect 1, end to end): a temperature of 1e-37 overflowed the sampling math, torch.multinomial raised,
+"""Extreme but valid sampling values stream beside other clients' requests and fail nobody, end to
+end: a temperature of 1e-37 overflowed the sampling math, torch.multinomial raised,
 and every row decoded in that step, other clients' requests included, ended INTERNAL mid-stream."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Error messages name what the caller gave (a file name, a line, an id), never an absolute server path
-(issue 11, defect 7): the data reader's and the adapter writer's refusals, and the Train RPC's
+"""Error messages name what the caller gave (a file name, a line, an id), never an absolute server path:
+the data reader's and the adapter writer's refusals, and the Train RPC's
 dataset_path refusals, all with real files under a temporary directory whose path must not show."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training caps as serve flags (issue 11, item 3): --max-train-examples and --max-queued-jobs (each also
+"""Training caps as serve flags: --max-train-examples and --max-queued-jobs (each also
 LORASERVE_*) reach TrainingConfig, and a Train request over the examples cap is refused naming the flag."""
 
 from __future__ import annotations
