@@ -261,20 +261,24 @@ def warm_up(args, client, prompts: list[str], adapter_ids: list[str], tokenizer,
 
 # --- the anchor: transformers generate + PEFT mixed batch ---------------------------------------
 
-def load_anchor(model_dir: Path, quantization: str, device: torch.device, adapter_root: Path, adapter_ids):
-    """The base loaded the way the server loads it (same quantization and compute dtype), plus PEFT."""
+def load_anchor(model_dir: Path, quantization: str, device: torch.device, adapter_root: Path, adapter_ids,
+                model_class: str = "AutoModelForCausalLM", head: str | None = None, **model_kwargs):
+    """The base loaded the way the server loads it (same quantization and compute dtype), plus PEFT with
+    every adapter. model_class names the transformers class (a task kind's); `head` keeps that module
+    out of bitsandbytes' 4-bit layers (it would turn a new head into a Linear4bit whose weight is never
+    quantized), full precision as the server keeps its heads."""
+    import transformers
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     if quantization == "nf4":
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=compute,
-                                                            bnb_4bit_use_double_quant=True),
-                  "dtype": compute, "device_map": {"": device}}
+        skip = {"llm_int8_skip_modules": [head]} if head else {}
+        kwargs = {"quantization_config": transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True, **skip), "dtype": compute, "device_map": {"": device}}
     else:
         kwargs = {"dtype": torch.bfloat16 if quantization == "bf16" else torch.float32}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = getattr(transformers, model_class).from_pretrained(model_dir, **kwargs, **model_kwargs)
     if quantization != "nf4":
         model.to(device)
     with warnings.catch_warnings():

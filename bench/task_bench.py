@@ -35,7 +35,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import REPO, ServerProcess, machine_info, make_adapters, make_prompts, summary  # noqa: E402
+from serve_bench import (  # noqa: E402
+    REPO,
+    ServerProcess,
+    load_anchor,
+    machine_info,
+    make_adapters,
+    make_prompts,
+    summary,
+)
 
 sys.path.insert(0, str(REPO / "tests"))  # the stock-PEFT task adapter maker the tests use
 from tiny_models import TAGS, make_peft_task_adapter  # noqa: E402
@@ -124,33 +132,13 @@ def fire(client, reqs: list[dict], args) -> dict:
 # --- stock transformers + PEFT: one model per kind, set_adapter per request -----------------------
 
 def load_peft(model_dir: Path, kind: str, quantization: str, adapter_root: Path, ids: list[str]):
-    """The base as serve_bench.load_anchor loads it (same quantization and compute dtype), for any model class."""
-    import transformers
-    from peft import PeftModel
-
+    """One stock model of the kind's class with all its adapters, loaded as serve_bench loads its anchor."""
     cls = {GEN: "AutoModelForCausalLM", CLS: "AutoModelForSequenceClassification",
            TAG: "AutoModelForTokenClassification"}[kind]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = {"dtype": compute if quantization == "nf4" else torch.float32}
-    if kind != GEN:
-        kwargs["num_labels"] = CLS_LABELS if kind == CLS else len(TAGS)
-    if quantization == "nf4":
-        # llm_int8_skip_modules: bitsandbytes otherwise turns TokenClassification's new `score` head into a
-        # Linear4bit whose weight is never quantized; heads stay full precision, as the server keeps them.
-        skip = {"llm_int8_skip_modules": ["score"]} if kind != GEN else {}
-        kwargs |= {"quantization_config": transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-            bnb_4bit_use_double_quant=True, **skip), "device_map": {"": device}}
-    model = getattr(transformers, cls).from_pretrained(model_dir, **kwargs)
-    if quantization != "nf4":
-        model.to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations that PEFT triggers
-        model = PeftModel.from_pretrained(model, adapter_root / ids[0], adapter_name=ids[0])
-        for adapter_id in ids[1:]:
-            model.load_adapter(adapter_root / adapter_id, adapter_name=adapter_id)
-    return model.eval()
+    labels = {} if kind == GEN else {"num_labels": CLS_LABELS if kind == CLS else len(TAGS)}
+    return load_anchor(model_dir, quantization, device, adapter_root, ids, cls, None if kind == GEN else "score",
+                       **labels)
 
 
 def peft_one(models: dict, tokenizer, req: dict, new_tokens: int) -> dict:

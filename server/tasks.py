@@ -16,7 +16,7 @@ import torch
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.prompt import check_fits
 from loraserve.core.tasks.answer import char_span, top_spans
-from loraserve.core.tasks.heads import QA, SEQ_CLS, TOKEN_CLS
+from loraserve.core.tasks.heads import MAX_LABELS, QA, SEQ_CLS, TOKEN_CLS
 from loraserve.core.tasks.inputs import (
     DEFAULT_MAX_ANSWER_TOKENS,
     DEFAULT_STRIDE,
@@ -30,7 +30,6 @@ from loraserve.server.generation import run
 
 MAX_QA_WINDOWS = 16
 """A context is read in at most this many windows (requests); longer ones are refused by size."""
-MAX_TOP_K = 4096
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,6 @@ def _check_adapter(adapter_id: str | None, what: str) -> str:
 
 
 async def _head(engine, metrics, adapter_id: str, ids: list[int], kind: str, deadline) -> Finished:
-    engine.validate(ids, 0)
     async for event in run(engine, metrics, adapter_id, ids, _NO_SAMPLING, deadline, kind=kind):
         if isinstance(event, Finished):
             return event
@@ -93,8 +91,8 @@ async def classify(engine, tokenizer, metrics, adapter_id: str | None, text: str
     adapter_id = _check_adapter(adapter_id, "Classify")
     if not text.strip():
         raise InvalidArgument("the text is empty")
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise InvalidArgument(f"top_k must lie in [0, {MAX_TOP_K}], got {top_k}")
+    if not 0 <= top_k <= MAX_LABELS:
+        raise InvalidArgument(f"top_k must lie in [0, {MAX_LABELS}], got {top_k}")
     limit = engine.max_prompt_tokens
 
     def build() -> list[int]:

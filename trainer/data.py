@@ -30,7 +30,6 @@ from loraserve.trainer.task_data import (
     TaskTokenized,
     label_set,
     parse_task_record,
-    task_data_hash,
     tokenize_task,
 )
 
@@ -158,7 +157,7 @@ def _parse_messages(messages, source: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def data_hash(examples: list[Example]) -> str:
+def data_hash(examples: list[Example] | list[TaskExample]) -> str:
     digest = hashlib.sha256()
     for example in examples:
         line = json.dumps(example.canonical(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -220,7 +219,7 @@ def prepare_task(examples: list[TaskExample], tokenizer, settings: TrainSettings
     stats = DataStats(examples=len(examples), train_examples=len(train_idx), eval_examples=len(eval_idx),
                       truncated=sum(t.truncated for t in flat), tokens=sum(len(t.input_ids) for t in flat),
                       completion_tokens=sum(t.label_tokens for t in flat))
-    return PreparedData(train=train, eval=eval_items, stats=stats, data_hash=task_data_hash(examples),
+    return PreparedData(train=train, eval=eval_items, stats=stats, data_hash=data_hash(examples),
                         task=TaskLabels(labels, multi), eval_examples=[examples[i] for i in eval_idx])
 
 

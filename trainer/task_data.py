@@ -14,18 +14,14 @@ practice); question answering trains on every window of the context that holds t
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.tasks.answer import answer_to_token_span, check_answer
-from loraserve.core.tasks.heads import QA, SEQ_CLS, TOKEN_CLS
+from loraserve.core.tasks.heads import MAX_LABELS, QA, SEQ_CLS, TOKEN_CLS
 from loraserve.core.tasks.inputs import classification_ids, qa_windows, tagging_input
 from loraserve.core.tasks.words import OUTSIDE, check_bio, entities_to_word_tags
 from loraserve.trainer.render import IGNORE
-
-MAX_LABELS = 4096
 
 
 @dataclass(frozen=True)
@@ -234,12 +230,3 @@ def tokenize_task(example: TaskExample, index: int, tokenizer, kind: str, labels
         out.append(TaskTokenized(window.input_ids, example.source, index, list(span) if span else [], read=read,
                                  offsets=window.offsets))
     return out
-
-
-def task_data_hash(examples: list[TaskExample]) -> str:
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(json.dumps(example.canonical(), sort_keys=True, ensure_ascii=False,
-                                 separators=(",", ":")).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
