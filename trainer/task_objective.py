@@ -78,7 +78,9 @@ def task_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], kind: str, m
                                            reduction="sum")
     keep = target[:, 0] >= 0
     if not keep.any():
-        return logits.sum() * 0.0  # windows without their answer (evaluation only) carry no loss
+        # Windows without their answer (evaluation only) carry no loss. Their non-context logits are
+        # -inf, and -inf * 0 is NaN: zero them first.
+        return logits.masked_fill(~torch.isfinite(logits), 0.0).sum() * 0.0
     start, end = logits[keep, :, 0], logits[keep, :, 1]
     return (nn.functional.cross_entropy(start, target[keep, 0], reduction="sum")
             + nn.functional.cross_entropy(end, target[keep, 1], reduction="sum")) / 2
