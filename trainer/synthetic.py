@@ -15,8 +15,9 @@ seeds are hashed with SHA-512, not hash(), so PYTHONHASHSEED does not matter) an
 a set, so the same (n, seed, split) gives identical output on every run and machine.
 
 Held out: the "train" and "test" splits draw names, places, organisations, events, nationalities
-and product/venue nouns from disjoint pools, and each split has sentence templates of its own,
-so a test-split score measures generalisation rather than memorised fillers.
+and product/venue nouns from disjoint pools, and each split has sentence templates of its own (and,
+for sentiment, most of its opinion words and phrases), so a test-split score measures
+generalisation rather than memorised fillers.
 """
 
 from __future__ import annotations
@@ -108,10 +109,14 @@ def _cap(s: str) -> str:
 
 
 # ---------------------------------------------------------------- sentiment
-_POS = _t("great|excellent|wonderful|fantastic|superb|impressive|delightful|lovely|solid|pleasant|brilliant|"
-           "outstanding")
-_NEG = _t("terrible|awful|disappointing|bland|poor|mediocre|dreadful|clumsy|frustrating|weak|dull|unpleasant")
-_MILD_NEG = _t("bad|disappointing|a letdown")  # "not bad at all" reads as positive
+# Sentiment words and phrases follow the templates' notation ("<" train only, ">" test only): most of
+# the test split's are never seen in training, as in real held-out reviews, so a test score measures
+# what the model knows of the words, not which ones it was shown. A few common ones are shared.
+_POS = ("great|<excellent|<wonderful|<fantastic|<superb|<impressive|<delightful|>lovely|>solid|>pleasant|"
+        ">brilliant|>outstanding|>marvellous")
+_NEG = ("terrible|<awful|<disappointing|<bland|<poor|<mediocre|<dreadful|>clumsy|>frustrating|>weak|>dull|"
+        ">unpleasant|>lousy")
+_MILD_NEG = "bad|<disappointing|>a letdown"  # "not bad at all" reads as positive
 _INTENS = ("", "", "", "very ", "really ", "extremely ", "truly ", "incredibly ", "surprisingly ")
 _DOMAINS = {  # pool of nouns, aspects, openers ({n} the noun, {w} when)
     "product": ("product", _t("battery|screen|build quality|price|setup|design|sound|customer support"),
@@ -127,29 +132,38 @@ _DOMAINS = {  # pool of nouns, aspects, openers ({n} the noun, {w} when)
 _WHEN = _t("last week|last month|over the weekend|a few days ago|on Friday|in the spring|after work")
 
 
-def _clause(r: random.Random, pos: bool, aspects: tuple[str, ...], a: str, verdict: bool = True) -> str:
+def _pick(r: random.Random, items: str, split: str) -> str:
+    """One of the "|"-separated items the split may use."""
+    return r.choice(_templates(_t(items), split))
+
+
+def _clause(r: random.Random, pos: bool, aspects: tuple[str, ...], a: str, split: str, verdict: bool = True) -> str:
     """A clause about aspect `a` with sentiment `pos`: direct, negated, or (if `verdict`) overall."""
     kind = r.randrange(6 if verdict else 5)
     if kind == 0:
-        return f"the {a} was {r.choice(_INTENS)}{r.choice(_POS if pos else _NEG)}"
+        return f"the {a} was {r.choice(_INTENS)}{_pick(r, _POS if pos else _NEG, split)}"
     if kind == 1:  # negation flips the adjective
         if pos:
-            return f"the {a} was not {r.choice(_MILD_NEG)} at all" if r.random() < .6 else \
-                f"the {a} was far from {r.choice(_NEG)}"
-        return f"the {a} was not {r.choice(_POS)}" if r.random() < .6 else f"the {a} was hardly {r.choice(_POS)}"
+            return f"the {a} was not {_pick(r, _MILD_NEG, split)} at all" if r.random() < .6 else \
+                f"the {a} was far from {_pick(r, _NEG, split)}"
+        return f"the {a} was not {_pick(r, _POS, split)}" if r.random() < .6 else \
+            f"the {a} was hardly {_pick(r, _POS, split)}"
     if kind == 2:
-        return f"I {r.choice(_t('loved|enjoyed|really liked|adored'))} the {a}" if pos else \
-            f"I {r.choice(_t('hated|disliked|could not stand|was let down by'))} the {a}"
+        return f"I {_pick(r, 'loved|<enjoyed|<adored|>really liked|>was delighted by', split)} the {a}" if pos else \
+            f"I {_pick(r, 'hated|<disliked|<could not stand|>was let down by|>was annoyed by', split)} the {a}"
     if kind == 3:  # negated verbs
-        return r.choice(_t("I have no complaints about the {a}|nothing about the {a} disappointed me|"
-                           "I could not find a single flaw in the {a}")).format(a=a) if pos else \
-            r.choice(_t("I didn't love the {a}|the {a} did not impress me|I wasn't happy with the {a}|"
-                        "I didn't enjoy the {a} one bit")).format(a=a)
+        return _pick(r, "<I have no complaints about the {a}|<nothing about the {a} disappointed me|"
+                        ">I could not find a single flaw in the {a}|>the {a} left nothing to be desired",
+                     split).format(a=a) if pos else \
+            _pick(r, "<I didn't love the {a}|<the {a} did not impress me|>I wasn't happy with the {a}|"
+                     ">I didn't enjoy the {a} one bit", split).format(a=a)
     if kind == 5:  # overall verdicts only where the clause decides the label
-        return r.choice(_t("it was worth every penny|it exceeded my expectations|it was a pleasant surprise")) \
-            if pos else r.choice(_t("it was a waste of money|it fell far short of my expectations|it was not worth it"))
+        return _pick(r, "<it was worth every penny|<it exceeded my expectations|>it was a pleasant surprise|"
+                        ">it was money well spent", split) if pos else \
+            _pick(r, "<it was a waste of money|<it fell far short of my expectations|>it was not worth it|"
+                     ">it was a total disappointment", split)
     other = r.choice([x for x in aspects if x != a])  # kind 4: two aspects, one judgement
-    return f"the {a} and the {other} were both {r.choice(_POS if pos else _NEG)}"
+    return f"the {a} and the {other} were both {_pick(r, _POS if pos else _NEG, split)}"
 
 
 def _review(r: random.Random, pos: bool, split: str) -> str:
@@ -160,24 +174,25 @@ def _review(r: random.Random, pos: bool, split: str) -> str:
         sentences.append(opener.format(n=r.choice(pool(noun_pool, split)), w=r.choice(_WHEN)))
     k = r.random()
     a, b, c = r.sample(aspects, 3)  # distinct aspects: "the food was bad, but the food was good" is noise
-    good, bad = _clause(r, pos, aspects, a), _clause(r, not pos, aspects, b, verdict=False)
+    good, bad = _clause(r, pos, aspects, a, split), _clause(r, not pos, aspects, b, split, verdict=False)
     if k < .35:  # the clause after "but"/"however" carries the verdict
         contrast = r.choice(_templates(_t("{bad}, but {good}|although {bad}, {good}|{good}, even though {bad}|"
                                           "<{bad}, yet {good}|<{bad}, but overall {good}|"
                                           ">despite the fact that {bad}, {good}|>{bad}; however, {good}"), split))
         sentences.append(contrast.format(good=good, bad=bad))
     elif k < .5:  # expectations overturned
-        hope = r.choice(_t("I expected to hate it|I was ready to be bored|I had low hopes") if pos
-                        else _t("I really wanted to love it|I had high hopes|Everyone told me it was great"))
+        hope = _pick(r, "I expected to hate it|<I was ready to be bored|>I had low hopes" if pos
+                     else "I really wanted to love it|<I had high hopes|>Everyone told me it was great", split)
         sentences.append(f"{hope}, but {good}")
     else:
         sentences.append(good)
         if r.random() < .4:
-            sentences.append(_clause(r, pos, aspects, c))
+            sentences.append(_clause(r, pos, aspects, c, split))
     if r.random() < .3:
-        sentences.append(r.choice(_t("I would definitely recommend it|I would happily do it again|"
-                                     "I am glad I gave it a chance") if pos else
-                                  _t("I would not recommend it|I would not do it again|I wish I had skipped it")))
+        sentences.append(_pick(r, "<I would definitely recommend it|<I would happily do it again|"
+                                  ">I am glad I gave it a chance|>I will be back for more" if pos else
+                                  "<I would not recommend it|<I would not do it again|>I wish I had skipped it|"
+                                  ">I will not be going back", split))
     return " ".join(_cap(s) + "." for s in sentences)
 
 

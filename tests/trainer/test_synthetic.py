@@ -195,6 +195,12 @@ def test_test_split_has_templates_of_its_own():
     text = {split: " ".join(r["text"] for r in S.sentiment(2000, 10, split)) for split in S.SPLITS}
     assert "; however, " in text["test"] and "; however, " not in text["train"]
     assert ", yet " in text["train"] and ", yet " not in text["test"]
+    # Most opinion words are the split's own: a held-out review is judged by words never trained on.
+    for word, split in (("superb", "train"), ("worth every penny", "train"), ("marvellous", "test"),
+                        ("money well spent", "test")):
+        other = "test" if split == "train" else "train"
+        assert word in text[split] and word not in text[other], word
+    assert all(" great" in text[split] and " terrible" in text[split] for split in S.SPLITS)  # common ones shared
 
 
 def test_bad_split_and_format_refused():
