@@ -6,6 +6,7 @@ metric_for_best_model and keeps the adapter that evaluated best."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from harness import RunningServer
@@ -114,26 +115,30 @@ def test_early_stopping_follows_the_metric_and_keeps_the_best(srv):
     done = events[-1].kind
     assert isinstance(done, Completed), events[-1]
     scores = [ev.metrics["accuracy"] for ev in evaluations]
-    # Patience 1: the run ends at the first evaluation that does not beat the best one before it.
+    # Accuracy over 8 held-out texts takes 9 values, so 8 evaluations that each beat all before them
+    # cannot happen from any start above 1/8: with patience 1 the run stops at the first miss.
     first_miss = next((i for i in range(1, len(scores)) if scores[i] <= max(scores[:i])), None)
-    if first_miss is None:
-        assert len(evaluations) == 8 and not done.metrics.stopped_early, scores
-    else:
-        assert len(evaluations) == first_miss + 1, scores
-        assert done.metrics.stopped_early and done.metrics.steps == first_miss + 1 < 8, (scores, done.metrics)
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the earliest of the best
-    # With this seed the run stops on a worse evaluation ([0.375, 0.625, 0.375]): keeping the best is tested.
-    assert done.metrics.stopped_early and scores[-1] < scores[best], scores
-    assert done.metrics.eval_metrics["accuracy"] == scores[best]
+    assert first_miss is not None and len(evaluations) == first_miss + 1, scores
+    assert done.metrics.stopped_early and done.metrics.steps == first_miss + 1 < 8, (scores, done.metrics)
+    # The kept adapter is the earliest of the best, never the last (which did not beat it); a tie in
+    # accuracy still leaves two different adapters, told apart by their eval loss.
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    assert best < len(scores) - 1
     assert done.metrics.eval_metrics == pytest.approx(evaluations[best].metrics)
     assert done.metrics.eval_loss == pytest.approx(evaluations[best].eval_loss)
+    best_loss, last_loss = evaluations[best].eval_loss, evaluations[-1].eval_loss
+    assert abs(best_loss - last_loss) > 0.01 * best_loss, (best_loss, last_loss)
 
     job = srv.client.get_training_job(events[0].job_id)
     assert job.settings["metric_for_best_model"] == "accuracy" and job.settings["early_stopping_patience"] == 1
     assert job.metrics.stopped_early == done.metrics.stopped_early
 
-    # The adapter kept is the best one: served on the held-out split, it scores the best accuracy.
+    # The adapter served is the best one: on the held-out split it scores the best accuracy, and its
+    # probabilities give the best evaluation's loss (mean cross-entropy), not the last one's.
     _, held_out = split_indices(len(examples), settings["eval_fraction"], settings["seed"])
-    right = sum(srv.client.classify(examples[i]["text"], adapter_id="r-early").predicted == [examples[i]["label"]]
-                for i in held_out)
+    served = [(dict(got.labels), got.predicted, examples[i]["label"])
+              for i in held_out for got in [srv.client.classify(examples[i]["text"], adapter_id="r-early")]]
+    right = sum(predicted == [label] for _, predicted, label in served)
     assert right / len(held_out) == pytest.approx(scores[best]), (right, len(held_out), scores)
+    loss = -sum(math.log(probs[label]) for probs, _, label in served) / len(served)
+    assert loss == pytest.approx(best_loss, rel=1e-3), (loss, best_loss, last_loss)
