@@ -30,6 +30,7 @@ from loraserve.trainer.task_data import (
     TaskTokenized,
     label_set,
     parse_task_record,
+    resolve_class_ids,
     tokenize_task,
 )
 
@@ -205,6 +206,7 @@ def prepare(examples: list[Example], tokenizer, settings: TrainSettings, eos_tok
 def prepare_task(examples: list[TaskExample], tokenizer, settings: TrainSettings) -> PreparedData:
     """Label set, tokenization and split (by example: every window of a context on the same side)."""
     kind = settings.task
+    examples = resolve_class_ids(examples, kind, settings.labels)
     labels, multi = label_set(examples, kind, settings.labels)
     options = settings.task_input()
     items = [tokenize_task(e, i, tokenizer, kind, labels, multi, settings.max_length, options)

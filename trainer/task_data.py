@@ -2,10 +2,16 @@
 
 Formats (one JSON object per line or inline example; other keys are ignored):
 - seq_cls: {"text", "label"} (single-label) or {"text", "labels": [...]} (multi-label; may be empty);
-- token_cls: {"tokens": [...], "tags": [...]} (CoNLL style, BIO/IOB2 tags per word) or
-  {"text", "entities": [{"start", "end", "label"}]} (character spans on word boundaries);
+- token_cls: {"tokens": [...], "tags": [...]} (CoNLL style, BIO/IOB2 tags per word; "ner_tags" is
+  read as "tags") or {"text", "entities": [{"start", "end", "label"}]} (character spans on word
+  boundaries);
 - qa: SQuAD's {"context", "question", "answers": {"text": [...], "answer_start": [...]}}.
 Every problem is an InvalidArgument naming the line or example, as for generation data.
+
+A label or tag may be an integer class id, as data sets exported from Hugging Face datasets store
+them (sst2's "label": 1, conll2003's "ner_tags": [3, 0, 7]): with the `labels` setting it is the
+name at that index (the names the data set's features list, in their order); a classification
+label without `labels` is named by its digits, and integer tags need `labels` (BIO tags are names).
 
 Inputs are built by core.tasks.inputs, exactly as the server builds requests. Tagging labels fall
 on each word's first token only (its other sub-tokens are ignored in the loss, Transformers'
@@ -14,7 +20,7 @@ practice); question answering trains on every window of the context that holds t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.tasks.answer import answer_to_token_span, check_answer
@@ -90,6 +96,49 @@ def _strings(record: dict, name: str, source: str) -> list[str]:
     return value
 
 
+def _classes(record: dict, name: str, source: str) -> list:
+    """An array of class names or integer class ids."""
+    value = record.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, str) or _is_id(v) for v in value):
+        _fail(source, f"field {name!r} must be an array of strings (or of integer class ids)")
+    return value
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_class_ids(examples: list[TaskExample], kind: str, given: tuple[str, ...]) -> list[TaskExample]:
+    """The examples with integer class ids replaced by names: given[id] when label names are given;
+    without them a classification id is named by its digits, and tags cannot be (InvalidArgument)."""
+    if kind not in (SEQ_CLS, TOKEN_CLS):
+        return examples
+    field_name = "tags" if kind == TOKEN_CLS else "labels"
+    out = []
+    for e in examples:
+        values = getattr(e, field_name)
+        if not any(_is_id(v) for v in values):
+            out.append(e)
+            continue
+        names = [v if not _is_id(v) else _class_name(v, i, given, kind, e.source) for i, v in enumerate(values)]
+        if kind == SEQ_CLS and len(set(names)) != len(names):
+            _fail(e.source, "labels must be distinct")
+        out.append(replace(e, **{field_name: tuple(names)}))
+    return out
+
+
+def _class_name(value: int, i: int, given: tuple[str, ...], kind: str, source: str) -> str:
+    if given and 0 <= value < len(given):
+        return given[value]
+    if given:
+        what = f"tag {value} of word {i}" if kind == TOKEN_CLS else f"label {value}"
+        _fail(source, f"{what} is not an index of the {len(given)} labels given")
+    if kind == TOKEN_CLS:
+        _fail(source, f"tag {i} is the integer {value}: integer tags need the labels setting (the tag names by "
+                      "index, as the data set's features list them)")
+    return str(value)
+
+
 def parse_task_record(record, source: str, kind: str) -> TaskExample:
     if not isinstance(record, dict):
         _fail(source, f"expected a JSON object, got {type(record).__name__}")
@@ -101,21 +150,21 @@ def parse_task_record(record, source: str, kind: str) -> TaskExample:
             label = record["label"]
             if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
                 _fail(source, "label must be a non-empty string (or an integer class)")
-            return TaskExample(source, {"text": text, "label": label}, text=text, labels=(str(label),))
-        labels = _strings(record, "labels", source)
-        if len(set(labels)) != len(labels) or any(not x for x in labels):
-            _fail(source, "labels must be distinct non-empty strings")
-        return TaskExample(source, {"text": text, "labels": labels}, text=text, labels=tuple(sorted(labels)),
-                           multi=True)
+            return TaskExample(source, {"text": text, "label": label}, text=text, labels=(label,))
+        labels = _classes(record, "labels", source)
+        if len(set(labels)) != len(labels) or any(x == "" for x in labels):
+            _fail(source, "labels must be distinct non-empty strings (or integer classes)")
+        return TaskExample(source, {"text": text, "labels": labels}, text=text, labels=tuple(labels), multi=True)
     if kind == TOKEN_CLS:
         if "tokens" in record:
-            words, tags = _strings(record, "tokens", source), _strings(record, "tags", source)
+            field_name = "tags" if "tags" in record or "ner_tags" not in record else "ner_tags"
+            words, tags = _strings(record, "tokens", source), _classes(record, field_name, source)
             if not words:
                 _fail(source, "tokens is empty")
             if len(words) != len(tags):
                 _fail(source, f"{len(words)} tokens but {len(tags)} tags: give one tag per token")
             try:
-                check_bio(tags)
+                check_bio(tags, ids=True)
             except InvalidArgument as e:
                 _fail(source, str(e))
             return TaskExample(source, {"tokens": words, "tags": tags}, words=tuple(words), tags=tuple(tags))

@@ -237,12 +237,17 @@ def entities_to_word_tags(text: str, entities: list[dict], labels: Collection[st
     return words, tags
 
 
-def check_bio(tags: list[str], allowed_types: set[str] | None = None) -> None:
+def check_bio(tags: list[str], allowed_types: set[str] | None = None, ids: bool = False) -> None:
     """InvalidArgument unless every tag is O, B-<type> or I-<type> (with an allowed type when
-    allowed_types is given). An I- tag after O or after another type is accepted (IOB1 style):
-    it begins an entity, as in seqeval's default mode, so predicted sequences are never rejected."""
+    allowed_types is given; with ids, a non-negative integer class id also passes, to be named
+    later). An I- tag after O or after another type is accepted (IOB1 style): it begins an entity,
+    as in seqeval's default mode, so predicted sequences are never rejected."""
     for i, tag in enumerate(tags):
         if tag == OUTSIDE:
+            continue
+        if ids and isinstance(tag, int) and not isinstance(tag, bool):
+            if tag < 0:
+                raise InvalidArgument(f"tag {i} ({tag}) is a negative class id")
             continue
         if not isinstance(tag, str) or len(tag) < 3 or tag[:2] not in ("B-", "I-"):
             raise InvalidArgument(f"tag {i} ({tag!r}) is not O, B-<type> or I-<type>")

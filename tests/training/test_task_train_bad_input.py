@@ -44,6 +44,8 @@ CASES = {
                                ["example 2: tag 'B-LOC' of word 1 is not in the label set"]),
     "labels that are not BIO tags": ([TAGGED], {**TOK, "labels": ["O", "PER"]},
                                      ["labels: tag 0 ('PER') is not O, B-<type> or I-<type>"]),
+    "integer label beyond the labels": ([*SENT[:2], {"text": "It was fine.", "label": 2}], {**SEQ, "labels": SENT_LABELS},
+                                        ["example 3: label '2' is not in the label set (negative, positive)"]),
     "tokens and tags of different lengths": ([TAGGED, {"tokens": ["a", "b", "c"], "tags": ["O", "O"]}], TOK,
                                              ["example 2: 3 tokens but 2 tags"]),
     "entity off word boundaries": ([TAGGED, {"text": TEXT, "entities": [{"start": 0, "end": 3, "label": "PER"}]}],
@@ -83,10 +85,14 @@ CASES = {
 FILES = {  # line numbers count blank lines
     "tags.jsonl": [TAGGED, None, {"tokens": ["John", "Smith"], "tags": ["B-PER", "PER"]}],
     "squad.jsonl": [QA_GOOD, qa(answers={"text": ["John Smith"], "answer_start": [0]})],
+    "ner_ids.jsonl": [{"tokens": ["John", "ran"], "ner_tags": [1, 0]}, {"tokens": ["in", "Paris"], "ner_tags": [0, 5]}],
+    "label_ids.jsonl": [{"text": "Bad.", "label": 0}, {"text": "Good.", "label": 1}, {"text": "Meh.", "label": 2}],
 }
 FILE_CASES = {
     "tags.jsonl": (TOK, ["line 3: tag 1 ('PER') is not O, B-<type> or I-<type>"]),
     "squad.jsonl": (QA, ["line 2: answer 0: the answer 'John Smith' is not found at answer_start 0"]),
+    "ner_ids.jsonl": (TOK, ["line 1: tag 0 is the integer 1: integer tags need the labels setting"]),
+    "label_ids.jsonl": ({**SEQ, "labels": SENT_LABELS}, ["line 3: label 2 is not an index of the 2 labels given"]),
 }
 
 

@@ -159,21 +159,28 @@ def settings_dict(msg: pb.TrainingSettings) -> dict:
     return out
 
 
-def example_pb(example: dict) -> pb.TrainingExample:
+def example_pb(example: dict, names: list[str] | None = None) -> pb.TrainingExample:
     """An example in its task's JSONL form: {"prompt", "completion"} or {"messages": [{"role", "content"}]};
-    {"text", "label"} or {"text", "labels"}; {"tokens", "tags"} or {"text", "entities"}; SQuAD's
-    {"context", "question", "answers": {"text", "answer_start"}}. Other keys are ignored."""
+    {"text", "label"} or {"text", "labels"}; {"tokens", "tags" (or "ner_tags")} or {"text", "entities"};
+    SQuAD's {"context", "question", "answers": {"text", "answer_start"}}. Other keys are ignored.
+    Integer class ids (Hugging Face datasets' form) become the names at their index when the label
+    names are given (the `labels` setting), as the server reads them in a JSONL file; else a label's
+    digits (integer tags without names are a ValueError: a tag must be a BIO name)."""
     msg = pb.TrainingExample(**{k: example[k] for k in ("prompt", "completion", "text", "context", "question")
                                 if k in example})
     if "label" in example:
-        msg.label = str(example["label"])
+        msg.label = _class_name(example["label"], names)
     msg.messages.extend(inference_pb2.ChatMessage(role=m["role"], content=m["content"])
                         for m in example.get("messages", ()))
     if "labels" in example:
-        msg.labels.extend(example["labels"])
+        msg.labels.extend(_class_name(x, names) for x in example["labels"])
         msg.multi_label = True
     msg.tokens.extend(example.get("tokens", ()))
-    msg.tags.extend(example.get("tags", ()))
+    tags = example.get("tags", example.get("ner_tags", ()))
+    if not names and any(isinstance(t, int) and not isinstance(t, bool) for t in tags):
+        raise ValueError("integer tags need the labels setting (the tag names by index, as the data set's "
+                         "features list them)")
+    msg.tags.extend(_class_name(x, names) for x in tags)
     msg.entities.extend(pb.EntitySpan(start=e["start"], end=e["end"], label=e["label"])
                         for e in example.get("entities", ()))
     if "answers" in example:
@@ -182,9 +189,17 @@ def example_pb(example: dict) -> pb.TrainingExample:
     return msg
 
 
+def _class_name(value, names: list[str] | None) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and names and 0 <= value < len(names):
+        return names[value]
+    return str(value)
+
+
 def train_request(adapter_id: str, examples: Iterable[dict] | None, dataset_path: str | None, settings: dict | None,
                   overwrite: bool, truncate: bool) -> pb.TrainRequest:
-    return pb.TrainRequest(adapter_id=adapter_id, examples=[example_pb(e) for e in examples or ()],
+    names = (settings or {}).get("labels")
+    names = [x.strip() for x in names.split(",") if x.strip()] if isinstance(names, str) else names
+    return pb.TrainRequest(adapter_id=adapter_id, examples=[example_pb(e, names) for e in examples or ()],
                            dataset_path=dataset_path or "", settings=settings_pb(settings), overwrite=overwrite,
                            truncate=truncate)
 
