@@ -136,16 +136,36 @@ def _packed_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The [out, in] weight a Linear4bit means, from either layout; the module is not changed.
 
-    Packed: the absmax are the bf16 ones the packed kernel uses. Standard: bitsandbytes' own dequantize.
+    Packed: the absmax are the bf16 ones the packed kernel uses. Both run bitsandbytes' native
+    dequantize; a packed weight's codes are read from a standard-layout copy (`_standard_codes`).
     """
     weight, qs = module.weight, module.weight.quant_state
     if not is_packed(module):
         return bnb.functional.dequantize_4bit(weight.data, qs).to(dtype)
+    codes, absmax = _standard_codes(module)
+    out = torch.ops.bitsandbytes.dequantize_4bit(codes, absmax, qs.blocksize, qs.quant_type, list(qs.shape),
+                                                 torch.float32)
+    return out.to(dtype)
+
+
+def _standard_codes(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed weight's codes in bitsandbytes' standard layout (row-major, two per byte, the even
+    column in the high nibble) and the packed kernel's bf16 absmax as float32, one per block: what
+    its native dequantize reads. Unpacking the layout in torch ops on every training forward and
+    backward cost more than the matmuls (a SmolLM2-135M training step took 1.10 s instead of 0.62 s:
+    docs/cpu-kernels.md), so the copy is made once, on the first call (0.56 bytes per weight), and
+    kept: the weight is frozen and never leaves the packed layout."""
+    cached = getattr(module, "_loraserve_standard_codes", None)
+    if cached is not None:
+        return cached
+    qs = module.weight.quant_state
     n, k = qs.shape
-    codes = _packed_codes(weight.data, n, k)
-    values = qs.code.to(device=codes.device, dtype=torch.float32)[codes.long()]  # [n, k]
-    absmax = qs.absmax.t().to(torch.float32)  # [n, k / blocksize]
-    return (values.view(n, k // qs.blocksize, qs.blocksize) * absmax[:, :, None]).view(n, k).to(dtype)
+    with torch.no_grad():
+        codes = _packed_codes(module.weight.data, n, k)
+        standard = ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()
+        absmax = qs.absmax.t().to(torch.float32).contiguous().reshape(-1)
+    module._loraserve_standard_codes = (standard, absmax)
+    return standard, absmax
 
 
 class _DequantizedLinear(torch.autograd.Function):

@@ -7,6 +7,8 @@ state_dict are plain torch and run on any CPU (core/model/bnb_cpu.py, docs/cpu-k
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -91,6 +93,21 @@ def test_packed_layout_means_the_same_weights():
     after = bnb_cpu.dequantize_weight(layer)
     assert ((after - before).abs() <= BF16_STEP * before.abs()).all()
     assert not torch.equal(after, before)  # the bf16 absmax do differ: these are the packed kernel's weights
+
+
+def test_packed_weight_is_its_codes_times_its_bf16_absmax():
+    """The dequantize of a packed weight (bitsandbytes' native kernel on a standard-layout copy of the
+    codes) equals, bit for bit, the codebook value of each code bitsandbytes' own inverse conversion
+    reads back, times the bf16 absmax of its block."""
+    layer = packed_here(nf4_linear(in_features=384, out_features=64))
+    qs = layer.weight.quant_state
+    n, k = qs.shape
+    data, _ = bnb.functional._convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.copy(qs))
+    pairs = data.view(torch.uint8).reshape(n, k // 2)
+    codes = torch.stack([pairs >> 4, pairs & 0xF], dim=-1).reshape(n, k)
+    want = qs.code.float()[codes.long()].view(n, k // qs.blocksize, qs.blocksize) * qs.absmax.t().float()[:, :, None]
+    assert torch.equal(bnb_cpu.dequantize_weight(layer), want.view(n, k))
+    assert torch.equal(bnb_cpu.dequantize_weight(layer, torch.bfloat16), want.view(n, k).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("mode", ["train", "eval-with-grad"])
