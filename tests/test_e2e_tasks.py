@@ -90,13 +90,14 @@ def test_entity_tagger(srv):
 
 
 def test_extractive_qa(srv):
-    # QA learns slowest of the four: at this size (40 steps) held-out F1 is about 0.12-0.13 and exact match
-    # under 0.1, against about 0.02 for a random span; larger runs are in docs/benchmarks.md.
-    train(srv, "squad", synthetic.squad(160, 1), "qa", epochs=1, learning_rate=1e-3)
+    # QA needs more passes than the others: at this size one epoch leaves held-out F1 near 0.14, three
+    # epochs at learning_rate 1e-3 reach exact match 0.81, F1 0.86 (docs/benchmarks.md); a random span
+    # scores about 0.02.
+    train(srv, "squad", synthetic.squad(120, 1), "qa", epochs=3, learning_rate=1e-3)
     test = synthetic.squad(TEST, 2, "test")
     got = beside_generation(srv, [lambda t=t: srv.client.answer(t["question"], t["context"], adapter_id="squad")
                                   for t in test])
     m = squad_metrics([g[0].text if g else "" for g in got], [t["answers"]["text"] for t in test])
     print(f"\nqa: held-out exact match {m['exact_match']:.3f}, F1 {m['f1']:.3f}")
     assert all(t["context"][a.start:a.end] == a.text for g, t in zip(got, test) for a in g)
-    assert m["f1"] >= 0.08
+    assert m["f1"] >= 0.5 and m["exact_match"] >= 0.3
