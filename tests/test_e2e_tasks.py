@@ -91,9 +91,13 @@ def test_entity_tagger(srv):
 
 def test_extractive_qa(srv):
     # QA needs more passes than the others: at this size one epoch leaves held-out F1 near 0.14, three
-    # epochs at learning_rate 1e-3 reach exact match 0.81, F1 0.86 (docs/benchmarks.md); a random span
-    # scores about 0.02.
-    train(srv, "squad", synthetic.squad(120, 1), "qa", epochs=3, learning_rate=1e-3)
+    # epochs at QA's default learning_rate (1e-3) reach exact match 0.68, F1 0.74 (docs/benchmarks.md);
+    # a random span scores about 0.02.
+    settings = {**SETTINGS, "epochs": 3}
+    del settings["learning_rate"]
+    events = list(srv.client.train("squad", examples=synthetic.squad(120, 1), settings={**settings, "task": "qa"}))
+    assert isinstance(events[-1].kind, Completed), events[-1]
+    assert srv.client.get_training_job(events[0].job_id).settings["learning_rate"] == pytest.approx(1e-3)
     test = synthetic.squad(TEST, 2, "test")
     got = beside_generation(srv, [lambda t=t: srv.client.answer(t["question"], t["context"], adapter_id="squad")
                                   for t in test])

@@ -54,7 +54,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[f.name], help=SETTING_HELP[f.name])
         else:
-            group.add_argument(flag, type=type(default), metavar="N", help=SETTING_HELP[f.name])
+            group.add_argument(flag, type=float if f.name == "learning_rate" else type(default), metavar="N",
+                               help=SETTING_HELP[f.name])
     add_channel_arguments(parser)
 
 

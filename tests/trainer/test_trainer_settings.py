@@ -16,6 +16,16 @@ def test_defaults_are_the_usual_lora_ones():
         0.03, "linear", 1.0, 0.1, 512)
 
 
+def test_the_default_learning_rate_follows_the_task_kind():
+    """QA's heads need more steps than a small set gives at PEFT's usual 2e-4 (docs/benchmarks.md)."""
+    assert [TrainSettings(task=k).learning_rate for k in ("generation", "seq_cls", "token_cls", "qa")] == [
+        2e-4, 2e-4, 2e-4, 1e-3]
+    assert TrainSettings.from_dict({"task": "qa"}).learning_rate == 1e-3
+    assert TrainSettings.from_dict({"task": "qa", "learning_rate": 5e-5}).learning_rate == 5e-5
+    assert TrainSettings.from_dict({"task": "qa", "learning_rate": 1}).learning_rate == 1.0
+    assert TrainSettings.from_dict(TrainSettings(task="qa").to_dict()).learning_rate == 1e-3
+
+
 def test_round_trip_through_dict():
     s = TrainSettings(rank=4, target_modules=("q_proj", "v_proj"), lr_scheduler="cosine")
     assert TrainSettings.from_dict(s.to_dict()) == s
