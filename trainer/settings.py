@@ -191,8 +191,9 @@ class TrainSettings:
         return {}
 
 
-def default_learning_rate(task: str) -> float:
-    return DEFAULT_LEARNING_RATE.get(task, DEFAULT_LEARNING_RATE[None])
+def default_learning_rate(task) -> float:
+    """The kind's rate; anything not a kind (refused later, with its field named) gets the common one."""
+    return DEFAULT_LEARNING_RATE.get(task if isinstance(task, str) else None, DEFAULT_LEARNING_RATE[None])
 
 
 def _in_range(name, value, low, high, low_open=False, high_open=False):

@@ -42,7 +42,7 @@ def test_round_trip_through_dict():
     ("lr_scheduler", "step"), ("weight_decay", -0.1), ("max_grad_norm", -1.0), ("seed", -1),
     ("eval_fraction", 0.6), ("eval_steps", -1), ("early_stopping_patience", -2),
     ("max_length", 4), ("template", "jinja"), ("gradient_checkpointing", 1), ("bf16", "yes"),
-    ("use_rslora", None), ("target_modules", ()), ("target_modules", ("q_proj", "")),
+    ("use_rslora", None), ("target_modules", ()), ("target_modules", ("q_proj", "")), ("task", ["qa"]),
 ])
 def test_out_of_range_is_refused_with_the_field_name(field, value):
     with pytest.raises(InvalidArgument, match=field):
