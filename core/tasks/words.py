@@ -181,6 +181,13 @@ def _span_text(text: str, start, end) -> str:
     return piece if len(piece) <= 40 else piece[:37] + "..."
 
 
+def _quote(value) -> str:
+    """A short quote of a value a request gave, for an error message."""
+    if not isinstance(value, str):
+        return f"not a string ({type(value).__name__})"
+    return f'"{value}"' if len(value) <= 40 else f'"{value[:37]}..."'
+
+
 def _check_entity(i: int, entity, text: str, labels: Collection[str] | None) -> tuple[int, int, str]:
     """(start, end, label) of one entity, or InvalidArgument naming entity i and what is wrong."""
     if not isinstance(entity, Mapping):
@@ -202,6 +209,10 @@ def _check_entity(i: int, entity, text: str, labels: Collection[str] | None) -> 
                               "characters")
     if start >= end:
         raise InvalidArgument(f"entity {i}: start {start} must be before end {end}")
+    if "text" in entity and entity["text"] != text[start:end]:
+        # Offsets counted in bytes or UTF-16 units, or off by one, would quietly tag the wrong words.
+        raise InvalidArgument(f'entity {i} ({start}..{end}) says its text is {_quote(entity["text"])}, but the '
+                              f'text there is "{_span_text(text, start, end)}" (offsets count Unicode code points)')
     return start, end, label
 
 

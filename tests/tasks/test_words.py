@@ -266,10 +266,19 @@ def test_entity_possessive_and_unicode_spans():
     ([{"start": True, "end": 4, "label": "PER"}], "entity 0: start must be an integer"),
     ([{"start": 0, "end": "4", "label": "PER"}], "entity 0: end must be an integer"),
     (["John"], "entity 0 must be an object"),
+    ([{"start": 14, "end": 19, "label": "LOC", "text": "Lisbon"}],
+     'entity 0 (14..19) says its text is "Lisbon", but the text there is "Paris" (offsets count Unicode code points)'),
+    ([{"start": 0, "end": 4, "label": "PER", "text": 4}], "entity 0 (0..4) says its text is not a string (int)"),
 ])
 def test_entities_to_word_tags_rejects(entities, message):
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         entities_to_word_tags(SENTENCE, entities)
+
+
+def test_an_entity_text_that_matches_its_span_is_accepted():
+    words, tags = entities_to_word_tags(SENTENCE, [{"start": 0, "end": 4, "label": "PER", "text": "John"},
+                                                   {"start": 14, "end": 19, "label": "LOC"}])
+    assert tags[:4] == ["B-PER", "O", "O", "B-LOC"]
 
 
 def test_entity_label_must_be_allowed():

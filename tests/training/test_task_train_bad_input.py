@@ -50,6 +50,10 @@ CASES = {
                                              ["example 2: 3 tokens but 2 tags"]),
     "entity off word boundaries": ([TAGGED, {"text": TEXT, "entities": [{"start": 0, "end": 3, "label": "PER"}]}],
                                    TOK, ['example 2: entity 0 (0..3 "Joh") does not start and end on word boundaries']),
+    "entity text not its span": ([TAGGED, {"text": TEXT, "entities": [{"start": 0, "end": 10, "label": "PER",
+                                                                      "text": "John Smit"}]}], TOK,
+                                 ['example 2: entity 0 (0..10) says its text is "John Smit", but the text there is '
+                                  '"John Smith"']),
     "entity out of range": ([TAGGED, {"text": TEXT, "entities": [{"start": 5, "end": 99, "label": "PER"}]}], TOK,
                             ["example 2: entity 0 (5..99) is outside its text of 20 characters"]),
     "entities overlapping": ([TAGGED, {"text": TEXT, "entities": [{"start": 0, "end": 10, "label": "PER"},

@@ -181,7 +181,7 @@ def example_pb(example: dict, names: list[str] | None = None) -> pb.TrainingExam
         raise ValueError("integer tags need the labels setting (the tag names by index, as the data set's "
                          "features list them)")
     msg.tags.extend(_class_name(x, names) for x in tags)
-    msg.entities.extend(pb.EntitySpan(start=e["start"], end=e["end"], label=e["label"])
+    msg.entities.extend(pb.EntitySpan(start=e["start"], end=e["end"], label=e["label"], text=e.get("text"))
                         for e in example.get("entities", ()))
     if "answers" in example:
         msg.answers.text.extend(example["answers"]["text"])

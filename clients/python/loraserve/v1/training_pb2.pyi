@@ -126,14 +126,16 @@ class TrainingSettings(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., use_rslora: _Optional[bool] = ..., learning_rate: _Optional[float] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler: _Optional[_Union[LrScheduler, str]] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., seed: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., eval_steps: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., max_length: _Optional[int] = ..., template: _Optional[_Union[PromptTemplate, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., bf16: _Optional[bool] = ..., task: _Optional[_Union[TaskKind, str]] = ..., labels: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., repeat_input: _Optional[bool] = ..., doc_stride: _Optional[int] = ..., max_answer_tokens: _Optional[int] = ..., head_learning_rate: _Optional[float] = ..., metric_for_best_model: _Optional[str] = ...) -> None: ...
 
 class EntitySpan(_message.Message):
-    __slots__ = ("start", "end", "label")
+    __slots__ = ("start", "end", "label", "text")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     label: str
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+    text: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., label: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class AnswerAnnotations(_message.Message):
     __slots__ = ("text", "answer_start")
