@@ -22,7 +22,7 @@ from loraserve.trainer.data import prepare, read_jsonl
 from loraserve.trainer.loop import TrainingFailed, train_adapter
 from loraserve.trainer.output import write_trained_adapter
 from loraserve.trainer.progress import ProgressBar
-from loraserve.trainer.settings import SCHEDULERS, TEMPLATES, TrainSettings
+from loraserve.trainer.settings import SCHEDULERS, TEMPLATES, TrainSettings, setting_type
 
 # One line of help per setting; the full meaning is in TrainSettings' field docstrings.
 SETTING_HELP = {
@@ -76,22 +76,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     io.add_argument("--cpu-kernel", choices=CPU_KERNELS, default="auto",
                     help="NF4 on the CPU: bitsandbytes' packed AVX512-BF16 kernel or the generic one [auto]")
-    group = parser.add_argument_group("training settings (defaults in brackets)")
-    defaults = TrainSettings()
+    add_setting_arguments(parser.add_argument_group("training settings (defaults in brackets)"), show_defaults=True)
+
+
+def add_setting_arguments(group, show_defaults: bool) -> None:
+    """One flag per TrainSettings field. Every argparse default stays None, so TrainSettings alone decides
+    defaults and validation; show_defaults puts each in its help (a None default is described there)."""
     for f in fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        text = SETTING_HELP[f.name] if f.name == "learning_rate" else \
-            f"{SETTING_HELP[f.name]} [{','.join(default) if isinstance(default, tuple) else default}]"
-        # Every default stays None here, so TrainSettings alone decides defaults and validation.
-        if isinstance(default, bool):
+        kind, default = setting_type(f), f.default
+        text = SETTING_HELP[f.name]
+        if show_defaults and default is not None:
+            text += f" [{','.join(default) if kind is tuple else default}]"
+        if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif isinstance(default, tuple):
+        elif kind is tuple:
             group.add_argument(flag, metavar="NAMES", help=text)
         elif f.name in CHOICES:
             group.add_argument(flag, choices=CHOICES[f.name], help=text)
         else:
-            group.add_argument(flag, type=type(default), metavar="N", help=text)
+            group.add_argument(flag, type=kind, metavar="N", help=text)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from loraserve.client import Client
 from loraserve.core.errors import LoraserveError
 from loraserve.core.tasks.heads import GENERATION
 from loraserve.trainer import events
-from loraserve.trainer.cli import CHOICES, SETTING_HELP
+from loraserve.trainer.cli import add_setting_arguments
 from loraserve.trainer.data import read_jsonl
 from loraserve.trainer.progress import ProgressBar
 from loraserve.trainer.settings import TrainSettings
@@ -43,19 +43,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--detach", action="store_true", help="print the job id once queued and leave it running")
     job.add_argument("--job", metavar="JOB_ID", help="re-attach to a job: show its progress until it ends")
     job.add_argument("--cancel", metavar="JOB_ID", help="cancel a queued or running job")
-    group = parser.add_argument_group("training settings (unset: the server's defaults)")
-    for f in fields(TrainSettings):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(TrainSettings, f.name)
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=SETTING_HELP[f.name])
-        elif isinstance(default, tuple):
-            group.add_argument(flag, metavar="NAMES", help=SETTING_HELP[f.name])
-        elif f.name in CHOICES:
-            group.add_argument(flag, choices=CHOICES[f.name], help=SETTING_HELP[f.name])
-        else:
-            group.add_argument(flag, type=float if f.name == "learning_rate" else type(default), metavar="N",
-                               help=SETTING_HELP[f.name])
+    add_setting_arguments(parser.add_argument_group("training settings (unset: the server's defaults)"),
+                          show_defaults=False)
     add_channel_arguments(parser)
 
 

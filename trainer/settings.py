@@ -7,7 +7,7 @@ or CLI flag fails before the model is touched.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, fields
 
 from loraserve.core.errors import InvalidArgument
 from loraserve.core.lora.layer import DEFAULT_TARGETS
@@ -156,7 +156,7 @@ class TrainSettings:
     def _check_types(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = _FIELD_TYPES.get(f.name) or type(f.default)
+            expected = setting_type(f)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))  # JSON and CLI give 16 for 16.0
                 continue
@@ -189,6 +189,12 @@ class TrainSettings:
         if self.task == QA:
             return {"doc_stride": self.doc_stride, "max_answer_tokens": self.max_answer_tokens}
         return {}
+
+
+def setting_type(f: Field) -> type:
+    """The type a setting's value has once constructed (its default's type, unless the default is None
+    or the field holds a tuple)."""
+    return _FIELD_TYPES.get(f.name) or type(f.default)
 
 
 def default_learning_rate(task) -> float:

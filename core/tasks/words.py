@@ -178,14 +178,16 @@ def align_labels(encoded: EncodedWords, word_labels: list[int], ignore: int = -1
 def _span_text(text: str, start, end) -> str:
     """A short quote of text[start:end] for an error message."""
     piece = text[start:end] if isinstance(start, int) and isinstance(end, int) else ""
+    return _short(piece)
+
+
+def _short(piece: str) -> str:
     return piece if len(piece) <= 40 else piece[:37] + "..."
 
 
 def _quote(value) -> str:
     """A short quote of a value a request gave, for an error message."""
-    if not isinstance(value, str):
-        return f"not a string ({type(value).__name__})"
-    return f'"{value}"' if len(value) <= 40 else f'"{value[:37]}..."'
+    return f'"{_short(value)}"' if isinstance(value, str) else f"not a string ({type(value).__name__})"
 
 
 def _check_entity(i: int, entity, text: str, labels: Collection[str] | None) -> tuple[int, int, str]:

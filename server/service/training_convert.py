@@ -93,8 +93,10 @@ def _example_of(example: pb.TrainingExample) -> dict:
     if example.tokens or example.tags:
         out["tokens"], out["tags"] = list(example.tokens), list(example.tags)
     if example.entities:
-        out["entities"] = [{"start": e.start, "end": e.end, "label": e.label, **({"text": e.text} if e.HasField("text") else {})}
-                           for e in example.entities]
+        out["entities"] = [{"start": e.start, "end": e.end, "label": e.label} for e in example.entities]
+        for entity, e in zip(out["entities"], example.entities):
+            if e.HasField("text"):  # only a given text is checked against the span
+                entity["text"] = e.text
     elif "text" in out and "label" not in out and "labels" not in out:
         out["entities"] = []  # a tagging example may have none
     if example.HasField("answers"):
